@@ -1,0 +1,1 @@
+"""The FastAPI controller: REST API, auth, the search queue and the dashboard."""

@@ -1,0 +1,1 @@
+"""Ray actor pool and the inline executor: evaluators that merge in place and score."""
