@@ -92,7 +92,12 @@ def mergekit_dict_from_recipe(recipe: "Recipe") -> dict[str, Any]:
         raise RecipeError(f"{method.name} is not a mergekit method; export the recipe as JSON instead",
                           where="merge_method")
     out: dict[str, Any] = {"merge_method": recipe.merge_method}
-    path_of = lambda ref: str(recipe.resolve(ref))  # noqa: E731
+
+    def path_of(ref: str) -> str:
+        # Absolute where the model exists, so the YAML works from any folder (materialize writes it elsewhere).
+        path = recipe.resolve(ref)
+        return str(path.absolute()) if path.exists() else str(path)
+
     if recipe.path is not None:
         if recipe.merge_method != "passthrough":
             raise RecipeError("a hybrid recipe (a merge, then a layer path) has no single mergekit form; "

@@ -165,10 +165,21 @@ class Recipe(BaseModel):
         """mergekit YAML for ``mergekit-yaml``; raises :class:`RecipeError` when mergekit cannot express it."""
         from evomerge.merging.mergekit_yaml import mergekit_dict_from_recipe
 
-        return yaml.safe_dump(mergekit_dict_from_recipe(self), sort_keys=False)
+        return yaml.dump(mergekit_dict_from_recipe(self), Dumper=_FlowListDumper, sort_keys=False)
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2, exclude_none=True)
+
+
+class _FlowListDumper(yaml.SafeDumper):
+    """Lists of numbers (gradients) on one line, as mergekit writes them."""
+
+    def represent_list(self, data: list) -> yaml.SequenceNode:
+        flow = bool(data) and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in data)
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_FlowListDumper.add_representer(list, _FlowListDumper.represent_list)
 
 
 def _validate(data: Any, where: str) -> Recipe:
