@@ -21,6 +21,7 @@ from evomerge.merging.recipe import PathStep, Recipe
 
 RECIPE_FILE = "evomerge_recipe.json"
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+_NOT_PER_LAYER = frozenset({"architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens"})
 
 
 def check_path(path: Sequence[PathStep], layout: Layout, known: Sequence[str]) -> None:
@@ -68,9 +69,14 @@ def path_config(config: Mapping[str, Any] | None, path: Sequence[PathStep], num_
     return new
 
 
+def _is_per_layer_key(key: str) -> bool:
+    # Lists that merely happen to have L entries: token ids (Llama 3's eos_token_id list), class names.
+    return not (key.endswith(("_token_id", "_token_ids")) or key in _NOT_PER_LAYER)
+
+
 def _reindex_lists(node: dict, layers: list[int], num_layers: int) -> None:
     for key, value in node.items():
-        if isinstance(value, list) and len(value) == num_layers and num_layers > 1:
+        if isinstance(value, list) and len(value) == num_layers and num_layers > 1 and _is_per_layer_key(key):
             node[key] = [value[i] for i in layers]
         elif isinstance(value, dict):
             _reindex_lists(value, layers, num_layers)

@@ -27,6 +27,9 @@ _LAYER_PATTERNS = [
 # nn.Sequential without a container name: "0.weight", "2.bias".
 _SEQUENTIAL = re.compile(r"^(\d+)\.")
 _EMBEDDING = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|embeddings\.")
+# Output heads whose names contain "embed" (GPT-NeoX's `embed_out`) come after the blocks, as in mergekit.
+_OUTPUT = re.compile(r"(?:^|\.)(?:embed_out|lm_head)\.")
+_INDEX_SUFFIX = re.compile(r"\d+\.$")
 
 Group = Literal["pre", "layer", "post"]
 
@@ -52,7 +55,7 @@ def place_of(name: str) -> TensorPlace:
         m = pattern.search(name)
         if m:
             return TensorPlace("layer", int(m.group(1)), name[: m.end(1) + 1])
-    return TensorPlace("pre" if _EMBEDDING.search(name) else "post")
+    return TensorPlace("pre" if _EMBEDDING.search(name) and not _OUTPUT.search(name) else "post")
 
 
 @dataclass(frozen=True)
@@ -103,5 +106,7 @@ def renumber(name: str, place: TensorPlace, new_layer: int) -> str:
     """The name of a layer tensor moved to block ``new_layer`` (``model.layers.3.mlp`` → ``model.layers.0.mlp``)."""
     if place.prefix is None or place.layer is None:
         return name
-    head = place.prefix[: -len(f"{place.layer}.")]
+    # The prefix ends in the block's index as written in the name, which for nn.Sequential is the module index,
+    # not the layer number (``"10."`` for layer 5), so strip the digits themselves.
+    head = _INDEX_SUFFIX.sub("", place.prefix)
     return f"{head}{new_layer}.{name[len(place.prefix):]}"

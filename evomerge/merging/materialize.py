@@ -61,7 +61,7 @@ def _copy_tokenizer(recipe: Recipe, ms: ModelSet, folder: Path) -> None:
     if source in (None, "base"):
         ckpt = ms.checkpoint
     elif source == "union":
-        raise RecipeError("tokenizer_source: union (vocabulary merging) is not supported; use base or a model",
+        raise RecipeError("union (vocabulary merging) is not supported; use base or a model",
                           where="tokenizer_source")
     else:
         ckpt = open_checkpoint(recipe.resolve(source), where="tokenizer_source")

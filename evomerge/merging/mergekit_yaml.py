@@ -46,12 +46,30 @@ def recipe_dict_from_mergekit(data: dict[str, Any], where: str) -> dict[str, Any
             models.append({"model": _ref(m["model"], where, f"models.{i}.model"),
                            "parameters": m.get("parameters") or {}})
         recipe["models"] = models
-    else:
+    elif data["merge_method"] == "passthrough":
         recipe["path"] = _path_from_slices(data["slices"], where)
-        if data["merge_method"] != "passthrough":
-            raise RecipeError("slices: only passthrough slices (layer stacking) are supported; "
-                              "merge whole models with `models`", where=where)
+    else:
+        recipe.update(_merge_from_slice(data["slices"], where))
     return recipe
+
+
+def _merge_from_slice(slices: Any, where: str) -> dict[str, Any]:
+    """The common mergekit form of a whole-model merge (SLERP's examples use it): one slice whose sources all
+    cover layers [0, n). It becomes a parameter-space merge of those models followed by the path of its n
+    merged layers, which is the identity when n is the models' depth."""
+    first = slices[0] if isinstance(slices, list) and slices and isinstance(slices[0], dict) else {}
+    sources = first.get("sources") or []
+    ranges = {tuple(src.get("layer_range") or ()) for src in sources if isinstance(src, dict)}
+    if len(slices) != 1 or len(ranges) != 1 or len(sources) < 1 or first.get("parameters"):
+        raise RecipeError("slices: a merge over slices is supported as one slice whose sources share one "
+                          "layer_range; stack layers with passthrough or merge whole models with `models`",
+                          where=where)
+    (layer_range,) = ranges
+    if len(layer_range) != 2 or layer_range[0] != 0 or not int(layer_range[1]) > 0:
+        raise RecipeError("slices.0.sources: the shared layer_range must be [0, n]", where=where)
+    models = [{"model": _ref(src.get("model"), where, f"slices.0.sources.{i}.model"),
+               "parameters": src.get("parameters") or {}} for i, src in enumerate(sources)]
+    return {"models": models, "path": [{"model": "merged", "layer": j} for j in range(int(layer_range[1]))]}
 
 
 def _ref(value: Any, where: str, field: str) -> str:
@@ -86,6 +104,7 @@ def _path_from_slices(slices: Any, where: str) -> list[dict[str, Any]]:
 def mergekit_dict_from_recipe(recipe: "Recipe") -> dict[str, Any]:
     """The mergekit configuration of a recipe, with models referenced by path."""
     from evomerge.merging.methods import METHODS
+    from evomerge.merging.recipe import MERGED
 
     method = METHODS[recipe.merge_method]
     if not method.mergekit:
@@ -98,7 +117,18 @@ def mergekit_dict_from_recipe(recipe: "Recipe") -> dict[str, Any]:
         path = recipe.resolve(ref)
         return str(path.absolute()) if path.exists() else str(path)
 
-    if recipe.path is not None:
+    merged_prefix = recipe.path is not None and [(s.model, s.layer, s.scale) for s in recipe.path] == [
+        (MERGED, j, 1.0) for j in range(len(recipe.path))]
+    if merged_prefix:
+        # Layers [0, n) of a merge: mergekit's one-slice form, the base listed among the sources when needed.
+        sources = [{"model": path_of(m.model), "layer_range": [0, len(recipe.path or [])],
+                    **({"parameters": _plain(m.parameters)} if m.parameters else {})} for m in recipe.models]
+        if method.base == "required" and all(m.model != recipe.base_model for m in recipe.models):
+            sources.append({"model": path_of(recipe.base_model), "layer_range": [0, len(recipe.path or [])]})
+        if recipe.base_model is not None and method.base == "required":
+            out["base_model"] = path_of(recipe.base_model)
+        out["slices"] = [{"sources": sources}]
+    elif recipe.path is not None:
         if recipe.merge_method != "passthrough":
             raise RecipeError("a hybrid recipe (a merge, then a layer path) has no single mergekit form; "
                               "export it as JSON", where="path")

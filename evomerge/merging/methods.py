@@ -61,6 +61,12 @@ class Param:
                 raise ValueError(f"must be true or false, got {value!r}")
             return value
         if self.type in (int, float):
+            if isinstance(value, str):
+                # YAML reads `5e-1` (no dot) as a string; mergekit's pydantic coercion takes it as 0.5.
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise ValueError(f"must be a number, got {value!r}") from None
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"must be a number, got {value!r}")
             if self.type is int and not float(value).is_integer():
@@ -208,14 +214,16 @@ class Method:
         for p in self.params:
             if not p.required:
                 continue
+            if not p.per_model:
+                if p.name not in recipe.parameters:
+                    raise ValueError(f"parameters.{p.name}: required by {self.name}")
+                continue
             for i, m in enumerate(recipe.models):
                 if m.model == recipe.base_model and not (p.with_base and self.base_in_models):
                     continue
                 if p.name not in m.parameters and p.name not in recipe.parameters:
                     raise ValueError(f"models.{i}.parameters.{p.name}: required by {self.name} "
                                      f"(set it per model or in the global parameters)")
-            if not p.per_model and p.name not in recipe.parameters:
-                raise ValueError(f"parameters.{p.name}: required by {self.name}")
         if self.extra_check is not None:
             self.extra_check(recipe)
 

@@ -42,7 +42,8 @@ class ModelSet:
 
     def __init__(self, base_name: str, paths: dict[str, Path], base: dict[str, torch.Tensor],
                  deltas: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype], config: dict | None,
-                 checkpoint: Checkpoint, device: torch.device) -> None:
+                 checkpoints: dict[str, Checkpoint], device: torch.device,
+                 input_dtype: torch.dtype | None = None) -> None:
         self.base_name = base_name
         self.paths = paths
         self.expert_names = [n for n in paths if n != base_name]
@@ -50,7 +51,9 @@ class ModelSet:
         self.deltas = deltas
         self.dtypes = dtypes
         self.config = config
-        self.checkpoint = checkpoint
+        self.checkpoints = checkpoints
+        self.checkpoint = checkpoints[base_name]
+        self.input_dtype = input_dtype
         self.device = device
         self.layout: Layout = layout(base.keys(), config)
         self.precomputed = Precomputed()
@@ -59,9 +62,13 @@ class ModelSet:
 
     @classmethod
     def load(cls, base: str | os.PathLike, experts: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike],
-             *, device: str | torch.device = "cpu", base_name: str = "base",
+             *, device: str | torch.device = "cpu", base_name: str = "base", dtype: torch.dtype | None = None,
              progress: Callable[[str], None] | None = None) -> "ModelSet":
         """Read the base and every expert once, check they match, and keep base + task vectors on ``device``.
+
+        ``dtype`` rounds every input to that dtype before task vectors are taken, as mergekit's ``dtype`` does
+        (a float32 model merged with ``dtype: float16`` trims the same elements as mergekit); the arithmetic
+        itself always runs in float32 (float64 for float64 inputs).
 
         Raises :class:`~evomerge.errors.ModelMismatchError` naming the first tensor whose name, shape or dtype
         differs from the base's, or that holds NaN/Inf, and :class:`~evomerge.errors.CheckpointError` for paths
@@ -82,7 +89,7 @@ class ModelSet:
         dtypes: dict[str, torch.dtype] = {}
         for name, tensor in base_ckpt.read_all():
             dtypes[name] = tensor.dtype
-            base_tensors[name] = _finite(_compute(tensor, device), base_ckpt, name, "base")
+            base_tensors[name] = _finite(_compute(tensor, device, dtype), base_ckpt, name, "base")
         deltas = {n: torch.empty((len(expert_ckpts), *base_tensors[n].shape), dtype=base_tensors[n].dtype,
                                  device=device) for n in names if base_tensors[n].is_floating_point()}
         for row, (expert, ckpt) in enumerate(expert_ckpts.items()):
@@ -92,10 +99,11 @@ class ModelSet:
                 if name not in deltas:
                     continue
                 target = deltas[name][row]
-                target.copy_(_finite(_compute(tensor, device), ckpt, name, expert))
+                target.copy_(_finite(_compute(tensor, device, dtype), ckpt, name, expert))
                 target.sub_(base_tensors[name])
         paths = {base_name: base_ckpt.path, **{n: c.path for n, c in expert_ckpts.items()}}
-        return cls(base_name, paths, base_tensors, deltas, dtypes, base_ckpt.config, base_ckpt, device)
+        return cls(base_name, paths, base_tensors, deltas, dtypes, base_ckpt.config,
+                   {base_name: base_ckpt, **expert_ckpts}, device, dtype)
 
     @property
     def names(self) -> list[str]:
@@ -154,8 +162,9 @@ class ModelSet:
             outputs = {n: torch.empty_like(t) for n, t in self.base.items()}
             self._merge_tensors(recipe, outputs, progress)
             merged = outputs
-        state = self._along_path(recipe, merged) if recipe.path is not None else dict(merged)
-        return {n: t.to(want or self.dtypes.get(n, t.dtype)) for n, t in state.items()}
+        if recipe.path is not None:
+            return self._along_path(recipe, merged, want)
+        return {n: t.to(want or self.dtypes.get(n, t.dtype)) for n, t in merged.items()}
 
     def merge_into(self, target: torch.nn.Module | Mapping[str, torch.Tensor], recipe: Recipe) -> None:
         """Write the merged weights in place into a live module (or a dict of tensors) of the base's layout.
@@ -211,7 +220,8 @@ class ModelSet:
                 if progress:
                     progress(name)
 
-    def _along_path(self, recipe: Recipe, merged: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _along_path(self, recipe: Recipe, merged: Mapping[str, torch.Tensor],
+                    dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         known = [*self.names, *([MERGED] if merged else [])]
         steps = [s.model_copy(update={"model": s.model if s.model == MERGED else
                                       self._name_of(s.model, recipe, f"path.{i}.model")})
@@ -220,10 +230,15 @@ class ModelSet:
 
         def tensor(model: str, name: str) -> torch.Tensor:
             if model == MERGED:
-                return merged[name]
-            if model == self.base_name or name not in self.deltas:
-                return self.base[name].clone()
-            return self.base[name] + self.deltas[name][self.expert_names.index(model)]
+                value = merged[name]
+            elif model == self.base_name or name not in self.deltas:
+                value = self.base[name].clone()
+            else:
+                # Read the expert's own bytes: base + (expert - base) is not bit-exact in floating point.
+                value = _compute(self.checkpoints[model].read(name), self.device, self.input_dtype)
+            # Cast by the *source* tensor's name: a path longer than the model has renumbered names
+            # (model.layers.5.*) that the source never had, whose on-disk dtype is that of their source.
+            return value.to(dtype or self.dtypes.get(name, value.dtype))
 
         return assemble(steps, self.layout, tensor)
 
@@ -261,9 +276,12 @@ class ModelSet:
         return model.eval()
 
 
-def _compute(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _compute(tensor: torch.Tensor, device: torch.device, rounding: torch.dtype | None = None) -> torch.Tensor:
+    """A floating tensor in the compute dtype, after rounding it to ``rounding`` when given."""
     if not tensor.is_floating_point():
         return tensor.to(device)
+    if rounding is not None:
+        tensor = tensor.to(rounding)
     dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
     return tensor.to(device=device, dtype=dtype).contiguous()
 
@@ -308,5 +326,6 @@ def load_for(recipe: Recipe, *, device: str | torch.device = "cpu",
              progress: Callable[[str], None] | None = None) -> ModelSet:
     """The ModelSet a recipe reads: its base (or its first model) and every other model it names."""
     base, experts = models_of(recipe)
-    return ModelSet.load(recipe.resolve(base), experts, device=device, base_name=base, progress=progress)
+    return ModelSet.load(recipe.resolve(base), experts, device=device, base_name=base,
+                         dtype=parse_dtype(recipe.dtype), progress=progress)
 

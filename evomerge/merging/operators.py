@@ -57,11 +57,12 @@ def weighted_sum(base: Tensor, deltas: Tensor, coefficients: Sequence[float], ba
     n = deltas.shape[0]
     coef = torch.tensor([list(coefficients)], dtype=deltas.dtype, device=deltas.device)
     flat_out = result.view(1, -1) if result.is_contiguous() else None
+    # An explicit width, not -1: an empty stack (a passthrough of one model has no task vectors) is (0, numel).
+    stack = deltas.reshape(n, base.numel())
     if flat_out is not None and result.dtype == deltas.dtype and base.dtype == deltas.dtype:
-        torch.addmm(base.reshape(1, -1), coef, deltas.reshape(n, -1), beta=base_coefficient, alpha=1.0,
-                    out=flat_out)
+        torch.addmm(base.reshape(1, -1), coef, stack, beta=base_coefficient, alpha=1.0, out=flat_out)
         return result
-    merged = torch.addmm(base.reshape(1, -1).to(deltas.dtype), coef, deltas.reshape(n, -1), beta=base_coefficient)
+    merged = torch.addmm(base.reshape(1, -1).to(deltas.dtype), coef, stack, beta=base_coefficient)
     result.copy_(merged.view(result.shape))
     return result
 

@@ -126,16 +126,25 @@ class Recipe(BaseModel):
         path = Path(file)
         if not path.exists():
             raise RecipeError(f"{path} does not exist", where="recipe")
-        text = path.read_text()
+        if not path.is_file():
+            raise RecipeError(f"{path} is a folder, not a recipe file (JSON or mergekit YAML)", where="recipe")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise RecipeError(f"{path} is not a text file; a recipe is JSON or mergekit YAML", where="recipe") from None
         if path.suffix == ".json" or text.lstrip().startswith("{"):
             recipe = cls.from_json(text, where=str(path))
         else:
             recipe = cls.from_mergekit_yaml(text, where=str(path))
-        return recipe.with_root(path.parent)
+        return recipe.with_root(path.absolute().parent)
 
     def with_root(self, root: Path) -> "Recipe":
         """A copy whose relative model paths are made absolute against ``root``."""
-        sources = {ref: str(self.resolve(ref, root)) for ref in self.model_refs()}
+        refs = [*self.model_refs(), *self.sources]
+        # A tokenizer taken from another model is a path too ("base" and "union" are keywords).
+        if self.tokenizer_source not in (None, "base", "union"):
+            refs.append(self.tokenizer_source)
+        sources = {ref: str(self.resolve(ref, root)) for ref in dict.fromkeys(refs)}
         return self.model_copy(update={"sources": sources})
 
     @classmethod
