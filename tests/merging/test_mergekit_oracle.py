@@ -186,8 +186,11 @@ def correlated_families(request: pytest.FixtureRequest, tmp_path_factory: pytest
 
 
 def fill(template: str, family: Family) -> str:
-    """The YAML a user would write: model paths and the architecture's filters substituted."""
-    values = {"base": str(family.base), **{n: str(p) for n, p in family.experts.items()}, **FILTERS[family.arch]}
+    """The YAML a user would write: model paths, the architecture's filters and its depth ($L) substituted."""
+    config = json.loads((family.base / "config.json").read_text()) if (family.base / "config.json").exists() else {}
+    depth = config.get("num_hidden_layers", config.get("n_layer", 0))
+    values = {"base": str(family.base), **{n: str(p) for n, p in family.experts.items()}, **FILTERS[family.arch],
+              "L": depth}
     return Template(template).substitute(values)
 
 
@@ -476,6 +479,32 @@ models:
         - value: 1.0
 """),
 }
+
+# mergekit's SLERP examples write whole-model merges as one slice whose sources cover every layer.
+CASES["slerp_slices"] = ("slerp", """
+merge_method: slerp
+base_model: $base
+slices:
+  - sources:
+      - {model: $base, layer_range: [0, $L]}
+      - {model: $e0, layer_range: [0, $L]}
+parameters:
+  t:
+    - filter: $ATTN
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: $MLP
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+""")
+CASES["ties_slices"] = ("ties", """
+merge_method: ties
+base_model: $base
+slices:
+  - sources:
+      - {model: $base, layer_range: [0, $L]}
+      - {model: $e0, layer_range: [0, $L], parameters: {weight: [0.2, 0.8], density: 0.5}}
+      - {model: $e1, layer_range: [0, $L], parameters: {weight: 0.6, density: [0.3, 0.9]}}
+""")
 
 ARCHS = ("llama", "gpt2", "bert")
 # Methods whose cases need another family (see ``far_families`` and ``correlated_families``).
