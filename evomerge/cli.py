@@ -58,12 +58,12 @@ def materialize(
 ) -> None:
     """Write the merged model a recipe describes."""
     # Everything that needs no model is checked first, so a typo does not cost a model load.
-    max_bytes = _parse_size(shard_size)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UserError(f"{out_dir} already exists and is not an empty folder; choose a new folder or remove it",
-                        where="OUT_DIR")
     from evomerge.merging import materialize as write
+    from evomerge.merging.materialize import check_out_dir
     from evomerge.merging.modelset import load_for
+
+    max_bytes = _parse_size(shard_size)
+    check_out_dir(out_dir)
 
     parsed = _load_recipe(recipe)
     dev = _device(device)
@@ -140,6 +140,7 @@ def demo(
 ) -> None:
     """Build a small model family offline and materialize a TIES merge of it (the search runner comes next)."""
     import torch
+    from transformers import AutoTokenizer
 
     from evomerge.merging import ModelEntry, Recipe, load_merged
     from evomerge.merging import materialize as write
@@ -162,8 +163,9 @@ def demo(
     shutil.rmtree(target, ignore_errors=True)
     write(recipe, target)
     model = load_merged(target)
+    tokens = AutoTokenizer.from_pretrained(target, local_files_only=True)("hello", return_tensors="pt")
     with torch.no_grad():
-        logits = model(torch.tensor([[1, 11, 8, 15, 15, 18]])).logits
+        logits = model(**tokens).logits
     console.print(f"merged {len(names)} experts into {escape(str(target))} "
                   f"({sum(p.numel() for p in model.parameters()):,} parameters); a forward pass gives logits of "
                   f"shape {tuple(logits.shape)}", highlight=False)

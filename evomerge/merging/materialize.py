@@ -30,9 +30,7 @@ def materialize(recipe: Recipe, out_dir: str | os.PathLike, *, model_set: ModelS
     ``out_dir`` must not exist or be an empty folder. ``on_tensor`` is called after each tensor is merged and
     ``on_bytes`` after each is written, for progress bars.
     """
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists and is not empty; choose a new folder or remove it", where="OUT_DIR")
+    out = check_out_dir(out_dir)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     try:
@@ -53,6 +51,15 @@ def materialize(recipe: Recipe, out_dir: str | os.PathLike, *, model_set: ModelS
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    return out
+
+
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """The output folder, refused (before any work) when it exists and holds anything."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already exists and is not an empty folder; choose a new folder or remove it",
+                        where="OUT_DIR")
     return out
 
 
