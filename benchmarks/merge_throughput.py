@@ -103,9 +103,11 @@ def main(argv: list[str] | None = None) -> int:
 
     model = AutoModelForCausalLM.from_pretrained(family.base, dtype=torch.float32).eval()
     params = dict(model.named_parameters())
-    state = {name: load_file(str(path / "model.safetensors")) for name, path in
+    # In-memory state dicts (cloned: safetensors' tensors may sit in the file's mapping, unaligned), for mergekit
+    # and, the base's, as the copy's source: a same-size state dict, read-only for both.
+    state = {name: {k: v.clone() for k, v in load_file(str(path / "model.safetensors")).items()} for name, path in
              [("base", family.base), *((n, family.experts[n]) for n in EXPERTS)]}
-    source = state["base"]  # the copy's source: a same-size state dict (mergekit reads it too, read-only)
+    source = state["base"]
     if set(source) != set(params) or set(ms.base) != set(params):
         raise SystemExit("the checkpoint's tensors are not the model's parameters; the copy would not be comparable")
     if any(p.dtype != torch.float32 for p in params.values()):
@@ -194,10 +196,22 @@ def run_method(method: str, ms: ModelSet, model: torch.nn.Module, recipe: Recipe
         "first_call_ms": round(first_ms, 3),
         "setup_ms": round(first_ms - med["ours"], 3) if method == "ties" else None,
         "parameters": {k: list(v.values()) for k, v in mk_params.items()},
+        "shared_defaults": shared_defaults(method),
         "output": check,
         "samples_ms": samples,
         "process_cpu_ms": cpu,
     }
+
+
+def shared_defaults(method: str) -> dict:
+    """The global parameters both sides leave at their defaults (recorded to show they agree)."""
+    from mergekit import merge_methods
+
+    from evomerge.merging.methods import METHODS as OURS
+
+    ours = {p.name: p.default for p in OURS[method].params if not p.per_model}
+    theirs = {p.name: p.default for p in merge_methods.get(method).spec.shared_parameters}
+    return {"ours": ours, "mergekit": theirs}
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:

@@ -145,6 +145,10 @@ class Precomputed:
     def ranks(self, job: TensorJob, j: int) -> ops.RowRanks:
         return self.get(("ranks", job.name, job.rows[j]), lambda: ops.RowRanks.of(job.delta(j)))
 
+    def l1(self, job: TensorJob, j: int) -> torch.Tensor:
+        """``|τ|₁`` of one task vector (``delta.abs().sum()``, as :func:`~evomerge.merging.operators.rescale_l1`)."""
+        return self.get(("l1", job.name, job.rows[j]), lambda: job.delta(j).abs().sum())
+
     def slerp(self, job: TensorJob, j: int) -> ops.SlerpGeometry:
         return self.get(("slerp", job.name, job.rows[j]), lambda: ops.SlerpGeometry.of(job.base, job.delta(j)))
 
@@ -311,25 +315,37 @@ def _task_arithmetic(job: TensorJob) -> None:
 
 
 def _gta(sparsify: str | None, consensus: str | None) -> Kernel:
-    """A generalised task-arithmetic kernel: sparsify each task vector, then combine (with sign consensus)."""
+    """A generalised task-arithmetic kernel: sparsify each task vector, then combine (with sign consensus).
+
+    Fused: each task vector is handed to :func:`~evomerge.merging.operators.merge_sparse` as a
+    :class:`~evomerge.merging.operators.Sparse` (magnitude thresholds from the cached order, or the dropped
+    vector with its L1 rescale deferred), which sparsifies and combines in one cache-sized pass; the values are
+    those of ``combine_deltas`` over ``trim_magnitude``/``trim_breadcrumbs``/``drop_random``/``drop_magprune``.
+    """
 
     def kernel(job: TensorJob) -> None:
         rescale = job.params["rescale"]
-        deltas = []
-        for j, p in enumerate(job.model_params):
+
+        def part(j: int) -> ops.Sparse:
+            p = job.model_params[j]
             d = job.delta(j)
+            before = job.precomputed.l1(job, j) if rescale and p.get("density", 1.0) < 1 else None
             if sparsify == "magnitude":
-                d = ops.trim_magnitude(d, p["density"], job.precomputed.order(job, j), rescale=rescale)
-            elif sparsify == "breadcrumbs":
-                d = ops.trim_breadcrumbs(d, p["density"], p["gamma"], job.precomputed.order(job, j), rescale=rescale)
-            elif sparsify == "random":
-                d = ops.drop_random(d, p["density"], job.seed_for(j), rescale=rescale)
-            elif sparsify == "magprune":
-                d = ops.drop_magprune(d, p["density"], p["epsilon"], job.precomputed.ranks(job, j), job.seed_for(j),
-                                      rescale=rescale)
-            deltas.append(d)
-        ops.combine_deltas(job.base, deltas, _weights(job), consensus=consensus, normalize=job.params["normalize"],
-                           lam=job.params["lambda"], out=job.out)
+                return ops.trim_magnitude_part(d, p["density"], job.precomputed.order(job, j), rescale=rescale,
+                                               before=before)
+            if sparsify == "breadcrumbs":
+                return ops.trim_breadcrumbs_part(d, p["density"], p["gamma"], job.precomputed.order(job, j),
+                                                 rescale=rescale, before=before)
+            if sparsify == "random":
+                return ops.drop_random_part(d, p["density"], job.seed_for(j), rescale=rescale, before=before)
+            if sparsify == "magprune":
+                return ops.drop_magprune_part(d, p["density"], p["epsilon"], job.precomputed.ranks(job, j),
+                                              job.seed_for(j), rescale=rescale, before=before)
+            return ops.Sparse(d.reshape(-1))
+
+        parts = [part(j) for j in range(len(job.model_params))]
+        ops.merge_sparse(job.base, parts, _weights(job), consensus=consensus, normalize=job.params["normalize"],
+                         lam=job.params["lambda"], out=job.out)
 
     return kernel
 

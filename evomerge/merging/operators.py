@@ -14,7 +14,7 @@ passed in as a precomputed argument; what depends on the candidate (weights, den
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -24,6 +24,10 @@ Tensor = torch.Tensor
 # Elements per chunk when several passes over a tensor are fused: small enough that a chunk of the base, the
 # experts and the output stays in the CPU's L2 cache, large enough that Python overhead is negligible.
 CHUNK = 1 << 16
+
+
+# Columns per addmm call of weighted_sum: the block of the output stays in L2 between the base copy and the GEMM.
+ADDMM_CHUNK = 1 << 18
 
 
 def _chunks(n: int, size: int = CHUNK):
@@ -60,7 +64,12 @@ def weighted_sum(base: Tensor, deltas: Tensor, coefficients: Sequence[float], ba
     # An explicit width, not -1: an empty stack (a passthrough of one model has no task vectors) is (0, numel).
     stack = deltas.reshape(n, base.numel())
     if flat_out is not None and result.dtype == deltas.dtype and base.dtype == deltas.dtype:
-        torch.addmm(base.reshape(1, -1), coef, stack, beta=base_coefficient, alpha=1.0, out=flat_out)
+        # In column blocks: addmm first copies the base into the output, which then is still in cache when the
+        # GEMM reads it back (same arithmetic per element; ~10% faster than one call over 100M parameters).
+        flat_base = base.reshape(1, -1)
+        for a, b in _chunks(base.numel(), ADDMM_CHUNK):
+            torch.addmm(flat_base[:, a:b], coef, stack[:, a:b], beta=base_coefficient, alpha=1.0,
+                        out=flat_out[:, a:b])
         return result
     merged = torch.addmm(base.reshape(1, -1).to(deltas.dtype), coef, stack, beta=base_coefficient)
     result.copy_(merged.view(result.shape))
@@ -287,6 +296,370 @@ def combine_deltas(base: Tensor, deltas: Sequence[Tensor], weights: Sequence[flo
         target[a:b] = mixed
     if scratch is not None:
         result.copy_(scratch.view(result.shape))
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fused sparsify-and-combine: the hot path of TIES, DARE, breadcrumbs and DELLA
+# --------------------------------------------------------------------------------------------------------------
+
+# Elements per chunk of the fused kernels: a chunk of every task vector and its temporaries stay in L2 cache.
+FUSED_CHUNK = 1 << 17
+
+
+@dataclass
+class Sparse:
+    """One sparsified task vector as :func:`merge_sparse` reads it, a chunk at a time.
+
+    The kept values are ``values`` where ``lo < |values| < hi`` (``≤`` with ``lo_inclusive``/``hi_inclusive``;
+    a bound of None is no bound), plus ``values`` at the flat positions ``exact`` (elements tied at a strict
+    bound that the selection keeps), all times ``scale`` when set; with ``sign``, ``values`` hold magnitudes
+    and take the signs of ``sign``. A magnitude selection thus costs two
+    thresholds read from the :class:`MagnitudeOrder` instead of a full-size mask, and an L1 rescale is applied
+    as the chunks are read instead of writing a rescaled copy. The values equal, element for element, those of
+    :func:`trim_magnitude`, :func:`trim_breadcrumbs`, :func:`drop_random` and :func:`drop_magprune`.
+    """
+
+    values: Tensor  # flat
+    lo: float | None = None
+    hi: float | None = None
+    lo_inclusive: bool = False
+    hi_inclusive: bool = False
+    exact: Tensor | None = None  # int64 flat positions
+    scale: Tensor | None = None  # 0-d
+    sign: Tensor | None = None  # flat; when set, ``values`` are magnitudes and the kept values copysign(values, sign)
+    # hardshrink thresholds: keep |v| > shrink_lo, drop |v| > shrink_hi (an inclusive bound moved one float down)
+    shrink_lo: float | None = field(init=False, default=None)
+    shrink_hi: float | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.lo is not None:
+            inclusive = self.lo_inclusive and 0 < self.lo < math.inf
+            self.shrink_lo = _below(self.lo, self.values.dtype) if inclusive else self.lo
+        if self.hi is not None:
+            self.shrink_hi = self.hi if self.hi_inclusive else _below(self.hi, self.values.dtype)
+
+    def _compare(self, values: Tensor) -> Tensor | None:
+        if self.lo is None and self.hi is None:
+            return None
+        mag = values.abs()
+        mask = None
+        if self.lo is not None:
+            mask = mag >= self.lo if self.lo_inclusive else mag > self.lo
+        if self.hi is not None:
+            upper = mag <= self.hi if self.hi_inclusive else mag < self.hi
+            mask = upper if mask is None else mask.logical_and_(upper)
+        return mask
+
+    def read(self, start: int, stop: int, out: Tensor) -> None:
+        """Write the kept values of flat positions ``[start, stop)``, except those in ``exact``, into ``out``.
+
+        Float arithmetic only (boolean masks cost several times more per element on CPU): ``hardshrink`` keeps
+        ``|v| > λ``, so a band is ``hardshrink(v, λ_lo) − hardshrink(v, λ_hi)``, with an inclusive bound moved
+        to the next float below it. Dropped elements read as +0.0 where a mask product gives ±0.0.
+        """
+        values = self.values[start:stop]
+        if self.sign is not None:
+            torch.copysign(values, self.sign[start:stop], out=out)
+        elif self.lo is None and self.hi is None:
+            out.copy_(values)
+        else:
+            lo, hi = self.shrink_lo, self.shrink_hi
+            if lo is not None and hi is not None and lo > hi:
+                out.zero_()
+            else:
+                if lo is None:
+                    out.copy_(values)
+                else:
+                    torch.hardshrink(values, lo, out=out)
+                if hi is not None:
+                    out.sub_(torch.hardshrink(values, hi))
+        if self.scale is not None:
+            out.mul_(self.scale)
+
+    def gather(self, positions: Tensor, out: Tensor) -> None:
+        """Write the kept values at the flat ``positions`` (exact ones included) into ``out``."""
+        values = self.values[positions]
+        if self.sign is not None:
+            values = torch.copysign(values, self.sign[positions])
+        mask = self._compare(values)
+        if mask is not None and self.exact is not None:
+            mask |= torch.isin(positions, self.exact)
+        if mask is None:
+            out.copy_(values)
+        else:
+            torch.mul(values, mask, out=out)
+        if self.scale is not None:
+            out.mul_(self.scale)
+
+
+_NOTHING = math.inf  # a strict lower bound no finite magnitude passes
+
+
+def _below(x: float, dtype: torch.dtype) -> float:
+    """The largest ``dtype`` number below ``x`` > 0 (a ``dtype`` number): ``|v| > _below(x)`` is ``|v| >= x``."""
+    return float(torch.nextafter(torch.tensor(x, dtype=dtype), torch.tensor(0.0, dtype=dtype)))
+
+
+def _sorted_mag(flat: Tensor, order: Tensor, start: int, stop: int) -> Tensor:
+    return flat[order[start:stop].long()].abs()
+
+
+def _run_start(flat: Tensor, order: Tensor, i: int, floor: int) -> int:
+    """The first sorted index in ``[floor, i]`` whose magnitude equals that at sorted index ``i``."""
+    target = _sorted_mag(flat, order, i, i + 1)
+    width = 64
+    while True:
+        start = max(floor, i + 1 - width)
+        equal = int((_sorted_mag(flat, order, start, i + 1) == target).sum())  # a suffix: the order is sorted
+        if equal < i + 1 - start or start == floor:
+            return i + 1 - equal
+        width *= 8
+
+
+def _run_stop(flat: Tensor, order: Tensor, i: int, ceiling: int) -> int:
+    """One past the last sorted index in ``[i, ceiling)`` whose magnitude equals that at sorted index ``i``."""
+    target = _sorted_mag(flat, order, i, i + 1)
+    width = 64
+    while True:
+        stop = min(ceiling, i + width)
+        equal = int((_sorted_mag(flat, order, i, stop) == target).sum())  # a prefix
+        if equal < stop - i or stop == ceiling:
+            return i + equal
+        width *= 8
+
+
+def magnitude_band(delta: Tensor, order: MagnitudeOrder, first: int, count: int) -> Sparse:
+    """The elements at sorted positions ``[first, first + count)`` of ``order`` (as
+    :meth:`MagnitudeOrder.keep_mask`), as magnitude thresholds plus the positions tied at a threshold.
+
+    A bound is inclusive when every element of that magnitude is kept; otherwise it is strict and the tied
+    elements that are kept are listed. Zero magnitudes need no listing: kept or not, they add nothing.
+    """
+    flat = delta.reshape(-1)
+    n = flat.numel()
+    last = first + count
+    if count <= 0:
+        return Sparse(flat, lo=_NOTHING)
+    if first == 0 and last >= n:
+        return Sparse(flat)
+    if flat.dtype != torch.float32:
+        # The order sorts float32 magnitudes; for other dtypes it need not be monotone in the tensor's own.
+        return Sparse(flat * order.keep_mask(delta, first, count).reshape(-1))
+    idx = order.order
+
+    def mag(i: int) -> float:
+        return float(_sorted_mag(flat, idx, i, i + 1))
+
+    exact = []
+    lo = hi = None
+    lo_inclusive = hi_inclusive = False
+    if last < n:
+        lo = mag(last - 1)
+        if lo == 0:
+            lo = None  # everything of magnitude 0 may as well be kept
+        elif mag(last) < lo and (first == 0 or mag(first - 1) > lo):
+            lo_inclusive = True
+        else:
+            exact.append(idx[_run_start(flat, idx, last - 1, first):last])
+    if first > 0:
+        hi = mag(first)
+        if hi == 0:
+            return Sparse(flat, lo=_NOTHING)  # only zeros are kept
+        if mag(first - 1) > hi and (last >= n or mag(last) < hi):
+            hi_inclusive = True
+        else:
+            exact.append(idx[first:_run_stop(flat, idx, first, last)])
+    positions = torch.unique(torch.cat(exact).long()) if exact else None
+    return Sparse(flat, lo=lo, hi=hi, lo_inclusive=lo_inclusive, hi_inclusive=hi_inclusive, exact=positions)
+
+
+def _l1_scale(delta: Tensor, kept: Tensor, before: Tensor | None, eps: float = 1e-7) -> Tensor | None:
+    """The factor :func:`rescale_l1` multiplies ``kept`` by, or None when it leaves it alone."""
+    before = delta.abs().sum() if before is None else before
+    after = kept.abs().sum()
+    if before < eps or after < eps:
+        return None
+    return before / after
+
+
+def _rescaled(delta: Tensor, part: Sparse, rescale: bool, before: Tensor | None) -> Sparse:
+    if not rescale:
+        return part
+    kept = part.values
+    if part.lo is not None or part.hi is not None:
+        kept = torch.empty_like(part.values)
+        for a, b in _chunks(kept.numel()):
+            part.read(a, b, kept[a:b])
+        if part.exact is not None:
+            kept[part.exact] = part.values[part.exact]
+    return Sparse(kept, scale=_l1_scale(delta, kept.view(delta.shape), before))
+
+
+def trim_magnitude_part(delta: Tensor, density: float, order: MagnitudeOrder, *, rescale: bool = False,
+                        before: Tensor | None = None) -> Sparse:
+    """:func:`trim_magnitude` as a :class:`Sparse` (``before``: ``delta.abs().sum()`` when already known)."""
+    flat = delta.reshape(-1)
+    if density >= 1:
+        return Sparse(flat)
+    n = delta.numel()
+    if density <= 0 or n == 0:
+        return Sparse(flat, lo=_NOTHING)
+    k = max(1, int(density * n))
+    return _rescaled(delta, magnitude_band(delta, order, 0, k), rescale, before)
+
+
+def trim_breadcrumbs_part(delta: Tensor, density: float, gamma: float, order: MagnitudeOrder, *,
+                          rescale: bool = False, before: Tensor | None = None) -> Sparse:
+    """:func:`trim_breadcrumbs` as a :class:`Sparse`."""
+    if density >= 1:
+        return Sparse(delta.reshape(-1))
+    n = delta.numel()
+    target = int(density * n)
+    n_top = int(gamma * n)
+    n_bottom = max(0, n - target - n_top)
+    return _rescaled(delta, magnitude_band(delta, order, n - n_bottom - target, target), rescale, before)
+
+
+# Elements per draw of drop_random_part: the generator runs on one thread while the intra-op pool idles, so few
+# large draws (each followed by parallel masking ops) beat many small ones that wake the pool every time.
+DRAW_CHUNK = 1 << 18
+
+
+def drop_random_part(delta: Tensor, density: float, seed: int, *, rescale: bool = True,
+                     before: Tensor | None = None) -> Sparse:
+    """:func:`drop_random` as a :class:`Sparse`: the same mask (the generator is drawn chunk by chunk, which
+    yields the same stream) without a full-size draw or mask, and the rescale left to the reader.
+
+    With ``rescale`` the magnitudes ``|τ|·keep`` are stored, so their sum is the L1 norm the rescale needs
+    (no second full-size temporary), and the reader restores the signs with ``copysign`` (exact, zeros
+    included: ``copysign(|τ|·0, τ)`` is ``τ·0``).
+    """
+    flat = delta.reshape(-1)
+    if density >= 1:
+        return Sparse(flat)
+    n = flat.numel()
+    kept = torch.empty_like(flat)
+    gen = _generator(seed, delta.device)
+    draw = torch.empty(min(n, DRAW_CHUNK), dtype=torch.float32, device=delta.device)
+    threshold = float(torch.tensor(density, dtype=torch.float32))  # `rand < density` compares in float32
+    for a, b in _chunks(n, DRAW_CHUNK):
+        r = draw[:b - a]
+        r.uniform_(0, 1, generator=gen)  # torch.rand's stream, drawn a chunk at a time
+        # 1.0 where r < density, else 0.0, in float arithmetic: density - r > 0 exactly when r < density.
+        r.neg_().add_(threshold).relu_().sign_()
+        if rescale:
+            torch.abs(flat[a:b], out=kept[a:b]).mul_(r)
+        else:
+            torch.mul(flat[a:b], r, out=kept[a:b])
+    if not rescale:
+        return Sparse(kept)
+    before = delta.abs().sum() if before is None else before
+    after = kept.view(delta.shape).sum()  # == (τ·keep).abs().sum(), as rescale_l1 computes it
+    scale = None if before < 1e-7 or after < 1e-7 else before / after
+    return Sparse(kept, scale=scale, sign=flat)
+
+
+def drop_magprune_part(delta: Tensor, density: float, epsilon: float, ranks: RowRanks, seed: int, *,
+                       rescale: bool = True, before: Tensor | None = None) -> Sparse:
+    """:func:`drop_magprune` as a :class:`Sparse` (the rescale left to the reader)."""
+    kept = drop_magprune(delta, density, epsilon, ranks, seed, rescale=False)
+    if not rescale or density >= 1 or density <= 0:
+        return Sparse(kept.reshape(-1))
+    return Sparse(kept.reshape(-1), scale=_l1_scale(delta, kept, before))
+
+
+def _combine_chunk(stacked: Tensor, w: Tensor, weights: Sequence[float], wsum: float, base: Tensor,
+                   consensus: str | None, normalize: bool, lam: float, out: Tensor) -> None:
+    """combine_deltas' arithmetic on one chunk of the stacked kept values (scaled by the weights in place).
+
+    Float arithmetic only, row by row, in the same order as ``combine_deltas``, so the values are the same:
+    with ``maj`` = ±1 the majority sign (copysign of the vote total, whose −0.0 only arises when every
+    contribution is zero and none agrees either way), ``t = τ·maj`` is |τ| where τ agrees and ≤ 0 elsewhere,
+    so ``Σ τ·[agree] = maj · Σ relu(t)`` (rounding is symmetric in sign) and ``[agree] = sign(relu(t))``.
+    """
+    m = stacked.shape[0]
+    for j in range(m):
+        stacked[j].mul_(weights[j])
+    total = _row_sum(stacked)
+    if consensus == "sum":
+        majority = torch.copysign(_ONE, total)
+        agree = stacked.mul_(majority).relu_()  # |τ_j| where it agrees with the majority, else 0
+        mixed = _row_sum(agree).mul_(majority)
+        if normalize:
+            agree.sign_()
+            for j in range(m):
+                agree[j].mul_(weights[j])
+            divisor = _row_sum(agree)
+            divisor.add_(divisor.abs().sign_().neg_().add_(1))  # 0 -> 1, others unchanged
+            mixed /= divisor
+    elif consensus is not None:
+        agree = sign_consensus(stacked, consensus)
+        mixed = (stacked * agree).sum(dim=0)
+        if normalize:
+            divisor = (w * agree).sum(dim=0)
+            divisor[divisor == 0] = 1
+            mixed /= divisor
+    else:
+        mixed = total
+        if normalize:
+            mixed /= wsum if abs(wsum) >= 1e-8 else 1.0
+    if lam != 1:
+        mixed *= lam
+    if out.dtype == mixed.dtype:
+        torch.add(base.to(mixed.dtype), mixed, out=out)
+    else:
+        out.copy_(torch.add(base.to(mixed.dtype), mixed))
+
+
+_ONE = torch.ones(())
+
+
+def _row_sum(rows: Tensor) -> Tensor:
+    """``rows.sum(dim=0)`` as sequential row additions (the same order, about twice as fast on CPU)."""
+    total = rows[0].clone() if rows.shape[0] == 1 else torch.add(rows[0], rows[1])
+    for j in range(2, rows.shape[0]):
+        total.add_(rows[j])
+    return total
+
+
+def merge_sparse(base: Tensor, parts: Sequence[Sparse], weights: Sequence[float], *, consensus: str | None,
+                 normalize: bool, lam: float, out: Tensor | None = None, chunk: int = FUSED_CHUNK) -> Tensor:
+    """:func:`combine_deltas` over task vectors given as :class:`Sparse`, sparsified as they are read.
+
+    One pass over memory in cache-sized chunks: each chunk of every task vector is thresholded, scaled,
+    weighted and combined while it is in cache, so no full-size mask or sparsified copy is written. Elements
+    tied at a threshold (listed in the parts' ``exact``) are then recomputed exactly. Same values as
+    ``combine_deltas(base, [kept values], ...)``.
+    """
+    if not parts:
+        return combine_deltas(base, [], weights, consensus=consensus, normalize=normalize, lam=lam, out=out)
+    result = _result(out, base)
+    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    m = len(parts)
+    w = torch.tensor(list(weights), dtype=dtype, device=base.device).view(-1, 1)
+    wsum = float(w.sum())
+    wl = w.view(-1).tolist()
+    flat_base = base.reshape(-1)
+    n = flat_base.numel()
+    target = result.view(-1) if result.is_contiguous() else torch.empty(n, dtype=result.dtype, device=base.device)
+    stacked = torch.empty((m, min(n, chunk)), dtype=dtype, device=base.device)
+    for a, b in _chunks(n, chunk):
+        rows = stacked[:, :b - a]
+        for j, part in enumerate(parts):
+            part.read(a, b, rows[j])
+        _combine_chunk(rows, w, wl, wsum, flat_base[a:b], consensus, normalize, lam, target[a:b])
+    exact = [p.exact for p in parts if p.exact is not None and p.exact.numel()]
+    if exact:
+        positions = torch.unique(torch.cat(exact))
+        rows = torch.empty((m, positions.numel()), dtype=dtype, device=base.device)
+        for j, part in enumerate(parts):
+            part.gather(positions, rows[j])
+        fixed = torch.empty(positions.numel(), dtype=target.dtype, device=base.device)
+        _combine_chunk(rows, w, wl, wsum, flat_base[positions], consensus, normalize, lam, fixed)
+        target[positions] = fixed
+    if not result.is_contiguous():
+        result.copy_(target.view(result.shape))
     return result
 
 

@@ -246,7 +246,7 @@ def test_materialize_into_a_non_empty_folder_changes_nothing(ms: ModelSet, tmp_p
     out = tmp_path / "taken"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    with pytest.raises(UserError, match="not empty") as info:
+    with pytest.raises(UserError, match="not an empty folder") as info:
         materialize(path_recipe([("e0", 0, 1.0)]), out, model_set=ms)
     assert info.value.where == "OUT_DIR"
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
