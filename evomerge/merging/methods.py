@@ -297,21 +297,13 @@ def _weights(job: TensorJob) -> list[float]:
 
 def _linear(job: TensorJob) -> None:
     base_weight = job.base_params["weight"] if job.base_params is not None else 0.0
-    weights = _weights(job)
-    total = base_weight + sum(weights)
-    scale = total if job.params["normalize"] else 1.0
-    ops.weighted_sum(job.base, job.deltas, job.full_coefficients([w / scale for w in weights]), total / scale,
-                     out=job.out)
+    ops.linear(job.base, job.deltas, job.full_coefficients(_weights(job)), base_weight,
+               normalize=job.params["normalize"], out=job.out)
 
 
 def _task_arithmetic(job: TensorJob) -> None:
-    weights = _weights(job)
-    divisor = sum(weights) if job.params["normalize"] else 1.0
-    if abs(divisor) < 1e-8:
-        divisor = 1.0
-    lam = job.params["lambda"]
-    ops.weighted_sum(job.base, job.deltas, job.full_coefficients([lam * w / divisor for w in weights]), 1.0,
-                     out=job.out)
+    ops.task_arithmetic(job.base, job.deltas, job.full_coefficients(_weights(job)), lam=job.params["lambda"],
+                        normalize=job.params["normalize"], out=job.out)
 
 
 def _gta(sparsify: str | None, consensus: str | None) -> Kernel:

@@ -214,7 +214,10 @@ class ModelSet:
                 job = TensorJob(name, place, num_layers, base, self.deltas[name], bound.rows, model_params,
                                 base_params, params, recipe.seed, self.precomputed,
                                 out if direct else torch.empty_like(base))
-                bound.method.kernel(job)
+                try:
+                    bound.method.kernel(job)
+                except ValueError as e:  # a parameter combination the operator cannot use (weights summing to 0)
+                    raise RecipeError(f"{e} (tensor {name})", where="parameters") from None
                 if not direct:
                     out.copy_(job.out)
                 if progress:

@@ -88,7 +88,7 @@ def linear(base: Tensor, deltas: Tensor, weights: Sequence[float], base_weight: 
     total = base_weight + sum(weights)
     scale = total if normalize else 1.0
     if normalize and scale == 0:
-        raise ZeroDivisionError("linear merge weights sum to zero; set normalize: false or change the weights")
+        raise ValueError("linear merge weights sum to zero; set normalize: false or change the weights")
     return weighted_sum(base, deltas, [w / scale for w in weights], total / scale, out=out)
 
 

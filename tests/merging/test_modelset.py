@@ -358,3 +358,12 @@ def test_bfloat16_path_longer_than_the_model_keeps_one_dtype(llama_bf16: Family)
     e0 = weights(llama_bf16.experts["e0"])
     assert torch.equal(state["model.layers.5.mlp.up_proj.weight"], e0[MLP])
     assert ms.merge(recipe, dtype=torch.float32)["model.layers.5.mlp.up_proj.weight"].dtype == torch.float32
+
+
+def test_linear_weights_summing_to_zero_is_a_recipe_error(llama: Family) -> None:
+    ms = load(llama)
+    recipe = Recipe(merge_method="linear", models=[{"model": "e0", "parameters": {"weight": 1.0}},
+                                                   {"model": "e1", "parameters": {"weight": -1.0}}])
+    with pytest.raises(RecipeError, match="sum to zero") as info:
+        ms.merge(recipe)
+    assert info.value.where == "parameters"

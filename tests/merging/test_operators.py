@@ -63,7 +63,7 @@ def test_linear_normalized_average_of_models() -> None:
 
 
 def test_linear_zero_weights_with_normalize_raise() -> None:
-    with pytest.raises(ZeroDivisionError, match="sum to zero"):
+    with pytest.raises(ValueError, match="sum to zero"):
         ops.linear(BASE, DELTAS, [1.0, -1.0])
 
 
