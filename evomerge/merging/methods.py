@@ -8,7 +8,7 @@ derived from these declarations, so adding a method is one kernel, one declarati
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
 import torch
@@ -187,8 +187,8 @@ class Method:
     def validate_recipe(self, recipe: "Recipe") -> None:
         """Raise ValueError (pydantic turns it into a located error) for anything this method cannot run."""
         known = self.param_map
-        for where, settings, per_model_ok in [("parameters", recipe.parameters, True)] + [
-            (f"models.{i}.parameters", m.parameters, True) for i, m in enumerate(recipe.models)
+        for where, settings in [("parameters", recipe.parameters)] + [
+            (f"models.{i}.parameters", m.parameters) for i, m in enumerate(recipe.models)
         ]:
             for key, setting in settings.items():
                 if key not in known:
@@ -398,6 +398,10 @@ DENSITY = Param("density", float, 1.0, per_model=True, low=0.0, high=1.0, open_l
 NORMALIZE_T = Param("normalize", bool, True, doc="Divide by the sum of the weights.")
 NORMALIZE_F = Param("normalize", bool, False, doc="Divide by the sum of the weights.")
 LAMBDA = Param("lambda", float, 1.0, doc="Scale of the merged task vector.")
+GAMMA = Param("gamma", float, 0.01, per_model=True, low=0.0, high=1.0, open_high=True, search=(0.0, 0.1),
+              doc="Fraction of the largest magnitudes dropped as outliers.")
+EPSILON = Param("epsilon", float, 0.15, per_model=True, low=0.0, high=0.5, open_high=True, search=(0.01, 0.2),
+                doc="Spread of keep probabilities around density.")
 INT8_MASK = Param("int8_mask", bool, False, doc="Accepted for mergekit compatibility; masks are boolean here.")
 
 
@@ -452,21 +456,17 @@ for _m in (
                 "random", None, normalize=False, rescale=True),
     _gta_method("breadcrumbs", "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks",
                 "https://arxiv.org/abs/2312.06795", "breadcrumbs", None, normalize=False, rescale=False,
-                extra=(Param("gamma", float, 0.01, per_model=True, low=0.0, high=1.0, open_high=True,
-                             search=(0.0, 0.1), doc="Fraction of the largest magnitudes dropped as outliers."),)),
+                extra=(GAMMA,)),
     _gta_method("breadcrumbs_ties", "Model Breadcrumbs, with TIES sign consensus", "https://arxiv.org/abs/2312.06795",
                 "breadcrumbs", "sum", normalize=False, rescale=False,
-                extra=(Param("gamma", float, 0.01, per_model=True, low=0.0, high=1.0, open_high=True,
-                             search=(0.0, 0.1), doc="Fraction of the largest magnitudes dropped as outliers."),)),
+                extra=(GAMMA,)),
     _gta_method("della", "DELLA-Merging: Reducing Interference via Magnitude-Based Sampling",
                 "https://arxiv.org/abs/2406.11617", "magprune", "sum", normalize=True, rescale=True,
-                extra=(Param("epsilon", float, 0.15, per_model=True, low=0.0, high=0.5, open_high=True,
-                             search=(0.01, 0.2), doc="Spread of keep probabilities around density."),),
+                extra=(EPSILON,),
                 check=_della_check),
     _gta_method("della_linear", "DELLA-Merging, without sign consensus", "https://arxiv.org/abs/2406.11617",
                 "magprune", None, normalize=False, rescale=True,
-                extra=(Param("epsilon", float, 0.15, per_model=True, low=0.0, high=0.5, open_high=True,
-                             search=(0.01, 0.2), doc="Spread of keep probabilities around density."),),
+                extra=(EPSILON,),
                 check=_della_check),
     Method("slerp", "Spherical linear interpolation (Shoemake 1985)", "https://en.wikipedia.org/wiki/Slerp",
            (Param("t", float, low=0.0, high=1.0, search=(0.0, 1.0), doc="Position on the arc: 0 = base, 1 = expert."),),
@@ -518,7 +518,6 @@ class ResolvedRecipe:
     rows: list[int]  # stack rows of the non-base models, in recipe order
     entries: list[Any]  # their ModelEntry
     base_entry: Any | None  # the base's ModelEntry when listed in `models`
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def job_params(self, name: str, place: TensorPlace, num_layers: int) -> tuple[dict, list[dict], dict | None]:
         """Global, per-model and base parameters of one tensor."""

@@ -283,6 +283,18 @@ def sign_consensus(weighted: Tensor, method: str = "sum") -> Tensor:
     return sign == majority
 
 
+def _disjoint_mix(weighted: Tensor, w: Tensor, consensus: str, normalize: bool) -> Tensor:
+    """Σ_m w_m τ_m over the contributions that agree with the elected sign, divided by their weights when
+    ``normalize`` (an element no contribution agrees on keeps divisor 1): TIES's disjoint mean, Eq. 3."""
+    agree = sign_consensus(weighted, consensus)
+    mixed = (weighted * agree).sum(dim=0)
+    if normalize:
+        divisor = (w * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+        mixed /= divisor
+    return mixed
+
+
 def combine_deltas(base: Tensor, deltas: Sequence[Tensor], weights: Sequence[float], *, consensus: str | None,
                    normalize: bool, lam: float, out: Tensor | None = None) -> Tensor:
     """Generalised task arithmetic: TIES step 3, *disjoint merge* (arXiv 2306.01708, Eq. 3), or a plain sum.
@@ -303,12 +315,7 @@ def combine_deltas(base: Tensor, deltas: Sequence[Tensor], weights: Sequence[flo
     for a, b in _chunks(flat_base.numel()):
         stacked = torch.stack([d[a:b].to(dtype) for d in flat]) * w
         if consensus is not None:
-            agree = sign_consensus(stacked, consensus)
-            mixed = (stacked * agree).sum(dim=0)
-            if normalize:
-                divisor = (w * agree).sum(dim=0)
-                divisor[divisor == 0] = 1
-                mixed /= divisor
+            mixed = _disjoint_mix(stacked, w, consensus, normalize)
         else:
             mixed = stacked.sum(dim=0)
             if normalize:
@@ -608,12 +615,7 @@ def _combine_chunk(stacked: Tensor, w: Tensor, weights: Sequence[float], wsum: f
             divisor.add_(divisor.abs().sign_().neg_().add_(1))  # 0 -> 1, others unchanged
             mixed /= divisor
     elif consensus is not None:
-        agree = sign_consensus(stacked, consensus)
-        mixed = (stacked * agree).sum(dim=0)
-        if normalize:
-            divisor = (w * agree).sum(dim=0)
-            divisor[divisor == 0] = 1
-            mixed /= divisor
+        mixed = _disjoint_mix(stacked, w, consensus, normalize)
     else:
         mixed = total
         if normalize:
