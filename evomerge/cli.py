@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from evomerge.errors import UserError
@@ -28,6 +28,9 @@ app = typer.Typer(name="evomerge", help="Search for the best way to merge fine-t
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 recipe_app = typer.Typer(help="Check and convert merge recipes (our JSON or mergekit YAML).", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
+testbed_app = typer.Typer(help="Offline test beds: real models and task files built locally, no downloads.",
+                          no_args_is_help=True)
+app.add_typer(testbed_app, name="testbed")
 
 # soft_wrap: long paths stay on one line when the output is a pipe or a file (rich would wrap at 80 columns).
 console = Console(soft_wrap=True)
@@ -171,6 +174,25 @@ def demo(
                   f"shape {tuple(logits.shape)}", highlight=False)
     console.print(f"mergekit recipe: {escape(str(target / 'mergekit_config.yml'))}", highlight=False)
     console.out(recipe.to_mergekit_yaml(), highlight=False, end="")
+
+
+@testbed_app.command("build")
+def testbed_build(
+    name: str = typer.Argument(..., metavar="NAME", help="digits (the M2N2 setting) or tinylm (a tiny causal LM)."),
+    out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="Folder to build into; a finished build is reused."),
+    seed: int = typer.Option(0, help="Seed of every random choice: same seed, same bytes."),
+    size: str = typer.Option("full", help="full, or ci (smaller and faster, for tests)."),
+) -> None:
+    """Build a test bed: a base, experts and task files, in the formats users have (HF layout, JSONL, .npz)."""
+    from evomerge.testbeds import build
+
+    _quiet_transformers()
+    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(), console=err,
+                  transient=True, disable=not err.is_terminal) as progress:
+        task = progress.add_task(f"building {name}", total=None)
+        out = build(name, out_dir, seed=seed, size=size,
+                    progress=lambda message: progress.update(task, description=f"{name}: {message}"))
+    console.print(f"{name} test bed ready in {escape(str(Path(out).resolve()))}", highlight=False)
 
 
 def _load_recipe(file: Path) -> Recipe:

@@ -103,7 +103,7 @@ def _path_from_slices(slices: Any, where: str) -> list[dict[str, Any]]:
 
 def mergekit_dict_from_recipe(recipe: "Recipe") -> dict[str, Any]:
     """The mergekit configuration of a recipe, with models referenced by path."""
-    from evomerge.merging.methods import METHODS
+    from evomerge.merging.catalog import METHODS
     from evomerge.merging.recipe import MERGED
 
     method = METHODS[recipe.merge_method]

@@ -17,6 +17,7 @@ from evomerge.errors import ModelMismatchError, RecipeError
 from evomerge.merging.checkpoints import Checkpoint, open_checkpoint
 from evomerge.merging.dataflow import apply_scales, assemble, check_path, model_class, path_config
 from evomerge.merging.layers import Layout, layout
+from evomerge.merging.mlp import build_mlp, is_mlp_config
 from evomerge.merging.methods import METHODS, Precomputed, ResolvedRecipe, TensorJob
 from evomerge.merging.recipe import MERGED, Recipe
 
@@ -256,9 +257,10 @@ class ModelSet:
         return config
 
     def build_model(self, recipe: Recipe) -> torch.nn.Module:
-        """A transformers model holding the merged weights, with layer-path input scales hooked in.
+        """A live model holding the merged weights, with layer-path input scales hooked in.
 
-        For searches over data-flow recipes and for tests; needs an HF base (config.json).
+        A transformers model for an HF base, an ``nn.Sequential`` for an ``evomerge_mlp`` one
+        (:mod:`evomerge.merging.mlp`); needs the base's config.json.
         """
         import transformers
 
@@ -266,16 +268,22 @@ class ModelSet:
         if config_dict is None:
             raise RecipeError("build_model needs a base with config.json (a Hugging Face model directory)",
                               where="base")
-        config_dict = {k: v for k, v in config_dict.items() if k not in ("transformers_version",)}
-        config = transformers.AutoConfig.for_model(**config_dict)
-        model = model_class(config)(config)
+        if is_mlp_config(config_dict):
+            if recipe.path:
+                raise RecipeError("layer paths need a transformer; an MLP's layers differ in shape", where="path")
+            model = build_mlp(config_dict)
+        else:
+            config_dict = {k: v for k, v in config_dict.items() if k not in ("transformers_version",)}
+            config = transformers.AutoConfig.for_model(**config_dict)
+            model = model_class(config)(config)
         state = self.merge(recipe)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected:
             raise ModelMismatchError(f"merged tensor {unexpected[0]!r} has no place in the model", where="recipe")
         if recipe.path:
             apply_scales(model, recipe, self.layout)
-        model.tie_weights()
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
         return model.eval()
 
 

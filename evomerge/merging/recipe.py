@@ -82,7 +82,7 @@ class Recipe(BaseModel):
     @field_validator("merge_method")
     @classmethod
     def _known_method(cls, name: str) -> str:
-        from evomerge.merging.methods import METHODS
+        from evomerge.merging.catalog import METHODS
 
         if name not in METHODS:
             raise ValueError(f"unknown merge method {name!r}; known: {', '.join(sorted(METHODS))}")
@@ -90,7 +90,7 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
-        from evomerge.merging.methods import METHODS
+        from evomerge.merging.catalog import METHODS
 
         METHODS[self.merge_method].validate_recipe(self)
         if self.path is not None and not self.path:
