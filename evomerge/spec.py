@@ -114,6 +114,7 @@ class SpaceSpec(_Strict):
     repeats: int = Field(default=2, ge=1, le=8, description="DFS: how often the layer sequence is repeated (r).")
     max_path_length: int | None = Field(default=None, ge=1, description="DFS: at most this many layers.")
     scale_bounds: tuple[float, float] = Field(default=(0.5, 1.5), description="DFS: bounds of the input scales.")
+    include_base: bool = Field(default=False, description="DFS/hybrid: the base's layers are path sources too.")
 
     @field_validator("method")
     @classmethod
@@ -129,7 +130,7 @@ class SpaceSpec(_Strict):
     def _bounds(cls, search: dict[str, tuple[float, float]] | None) -> dict[str, tuple[float, float]] | None:
         for key, (low, high) in (search or {}).items():
             if not low < high:
-                raise ValueError(f"search.{key}: the bounds [{low}, {high}] are empty; write [low, high] with "
+                raise ValueError(f"{key}: the bounds [{low}, {high}] are empty; write [low, high] with "
                                  "low < high")
         return search
 
@@ -168,6 +169,12 @@ class SpaceSpec(_Strict):
                 param.check(value)
             except ValueError as e:
                 raise ValueError(f"fixed.{key}: {e}") from None
+        if self.kind != "dataflow":
+            searched = self.search_bounds()
+            for p in method.params:
+                if p.required and p.name not in searched and p.name not in self.fixed:
+                    raise ValueError(f"search.{p.name}: {self.method} needs {p.name}; search it "
+                                     f"(search: {{{p.name}: [low, high]}}) or set it under `fixed`")
         low, high = self.scale_bounds
         if not 0 < low <= high:
             raise ValueError("scale_bounds: write [low, high] with 0 < low <= high")

@@ -90,6 +90,7 @@ def test_experts_short_forms_are_named_by_folder_or_key():
     ({"space": {"method": "ties", "search": {"weight": [0, 1]}, "fixed": {"weight": 1}}}, "space.fixed.weight: weight is also under `search`"),
     ({"space": {"kind": "coefficients", "method": "ties"}}, "space.method: the coefficients space searches task-arithmetic"),
     ({"space": {"method": "slerp"}}, "models.experts: slerp takes at most 1 expert(s), got 2"),
+    ({"space": {"method": "ties", "search": {"density": [0.1, 1]}}}, "space.search.weight: ties needs weight; search it"),
     ({"space": {"kind": "paramter"}}, "space.kind: Input should be 'parameter', 'dataflow', 'hybrid' or 'coefficients'"),
     ({"algorithm": {"name": "cmaess"}}, "algorithm.name: unknown algorithm 'cmaess'; known:"),
     ({"budget": {"evaluations": 0}}, "budget.evaluations: Input should be greater than or equal to 1"),
