@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -qq -e ".[dev]"
+	$(PIP) install -qq -e ".[dev,lmeval]"
 	touch $@
 
 clean:

@@ -233,8 +233,8 @@ class TaskSpec(_Strict):
                                            description="exact_match: applied to prediction and answer.")
     task: str | None = Field(default=None, description="lm_eval: the lm-eval-harness task name.")
     include_path: str | None = Field(default=None, description="lm_eval: a folder of local task YAML files.")
-    function: str | None = Field(default=None, description="python: `module:function` returning per-example "
-                                 "scores.")
+    function: str | None = Field(default=None, description="python: `module:function`, called as function(model, "
+                                 "tokenizer, data, **options); returns one float per example.")
     options: dict[str, Any] = Field(default_factory=dict, description="python/lm_eval: passed through.")
 
     @model_validator(mode="after")
@@ -424,11 +424,11 @@ class JobSpec(_Strict):
             if not Path(value).exists():
                 raise SpecError(f"{value} does not exist; point it at a model folder or .safetensors file",
                                 where=where)
-        for i, objective in enumerate(self.objectives):
+        for objective in self.objectives:
             for key in ("data", "holdout", "include_path"):
                 value = getattr(objective.task, key)
                 if value is not None and not Path(value).exists():
-                    raise SpecError(f"{value} does not exist", where=f"objectives.{i}.task.{key}")
+                    raise SpecError(f"{value} does not exist", where=f"objectives.{objective.name}.task.{key}")
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2)
