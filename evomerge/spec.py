@@ -12,6 +12,7 @@ module imports no torch: the controller validates specs without loading a model.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +29,14 @@ _RESERVED = {"base", "merged"}
 
 
 class SpecError(UserError):
-    """A job spec that does not validate; ``where`` is the dotted field (``space.search.density``)."""
+    """A job spec that does not validate; ``where`` is the dotted field (``space.search.density``), ``file`` the
+    spec file when there is one (it leads the message)."""
+
+    def __init__(self, message: str, *, where: str | None = None, file: str | None = None) -> None:
+        super().__init__(message, where=where)
+        self.file = file
+        if file:
+            self.args = (f"{file}: {self.args[0]}",)
 
 
 class _Strict(BaseModel):
@@ -129,6 +137,8 @@ class SpaceSpec(_Strict):
     @classmethod
     def _bounds(cls, search: dict[str, tuple[float, float]] | None) -> dict[str, tuple[float, float]] | None:
         for key, (low, high) in (search or {}).items():
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise ValueError(f"{key}: bounds must be finite numbers, got [{low}, {high}]")
             if not low < high:
                 raise ValueError(f"{key}: the bounds [{low}, {high}] are empty; write [low, high] with "
                                  "low < high")
@@ -210,6 +220,17 @@ DEFAULT_METRIC: dict[str, tuple[str, Literal["maximize", "minimize"]]] = {
 }
 
 
+# The metrics each kind reports (the first is its default); lm_eval and python objectives name their own.
+KIND_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy",),
+    "multiple_choice": ("acc_norm", "acc", "acc_bytes"),
+    "exact_match": ("exact_match",),
+    "nll": ("nll",),
+    "num_layers": ("num_layers",),
+    "num_params": ("num_params",),
+}
+
+
 class TaskSpec(_Strict):
     """A scored task. ``data`` drives the search; ``holdout`` is scored only for the front and the best.
 
@@ -280,6 +301,9 @@ class ObjectiveSpec(_Strict):
     @model_validator(mode="after")
     def _defaults(self) -> "ObjectiveSpec":
         metric, direction = DEFAULT_METRIC[self.task.kind]
+        known = KIND_METRICS.get(self.task.kind)
+        if self.metric is not None and known is not None and self.metric not in known:
+            raise ValueError(f"metric: a {self.task.kind} objective reports {', '.join(known)}, not {self.metric!r}")
         if self.metric is None:
             self.metric = metric
         if self.direction is None:
@@ -311,7 +335,8 @@ class AlgorithmSpec(_Strict):
         try:
             self.options = optimizer.Options.model_validate(self.options).model_dump()
         except ValidationError as e:
-            raise ValueError(f"options.{_first_error(e)}") from None
+            field, message = _first_error(e)
+            raise ValueError(f"options.{field}: {message}" if field else f"options: {message}") from None
         return self
 
 
@@ -335,7 +360,7 @@ class JobSpec(_Strict):
 
     version: Literal[1] = SPEC_VERSION
     name: str = "search"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32, description="Seeds the optimizer and the recipes' random masks.")
     models: ModelsSpec
     space: SpaceSpec = Field(default_factory=SpaceSpec)
     objectives: list[ObjectiveSpec] = Field(min_length=1)
@@ -370,11 +395,11 @@ class JobSpec(_Strict):
         path = Path(file)
         if not path.is_file():
             raise SpecError(f"{path} {'is a folder' if path.exists() else 'does not exist'}; give a YAML or JSON "
-                            "job spec file", where="spec")
+                            "job spec file")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
-            raise SpecError(f"{path} is not a text file", where="spec") from None
+            raise SpecError(f"{path} is not a text file; a job spec is YAML or JSON") from None
         return cls.parse(text, where=str(path)).with_root(path.absolute().parent)
 
     @classmethod
@@ -385,18 +410,19 @@ class JobSpec(_Strict):
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f" at line {mark.line + 1}" if mark is not None else ""
-            raise SpecError(f"malformed YAML{line}: {getattr(e, 'problem', e)}", where=where) from None
+            raise SpecError(f"malformed YAML{line}: {getattr(e, 'problem', e)}", file=where) from None
         return cls.from_dict(data, where=where)
 
     @classmethod
     def from_dict(cls, data: Any, *, where: str = "spec") -> "JobSpec":
         if not isinstance(data, dict):
             raise SpecError("a job spec is a mapping with models, objectives, space, algorithm and budget",
-                            where=where)
+                            file=where)
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            raise SpecError(_first_error(e), where=where) from None
+            field, message = _first_error(e)
+            raise SpecError(message, where=field, file=where) from None
 
     def with_root(self, root: Path) -> "JobSpec":
         """A copy whose relative model and data paths are absolute against ``root``."""
@@ -438,10 +464,16 @@ class JobSpec(_Strict):
         return [o.name for o in self.objectives]
 
 
-def _first_error(error: ValidationError) -> str:
-    """One line from pydantic's report: the field's dotted location and what is wrong with it."""
+def _first_error(error: ValidationError) -> tuple[str, str]:
+    """The first problem pydantic found, as (dotted field, what is wrong and how to fix it)."""
     first = error.errors()[0]
     loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "union[", "list[")))
     msg = first["msg"].removeprefix("Value error, ")
-    # A model validator's message starts with its own sub-field ("search.x: ..."): join it to the location.
-    return f"{loc}.{msg}" if loc and re.match(r"^[A-Za-z_][\w.]*: ", msg) else (f"{loc}: {msg}" if loc else msg)
+    # A model validator's message starts with its own sub-field ("search.x: ..."): move it into the location.
+    match = re.match(r"^([A-Za-z_][\w.]*): ", msg)
+    if match:
+        loc = f"{loc}.{match[1]}" if loc else match[1]
+        msg = msg[match.end():]
+    if first["type"] == "tuple_type" or (first["type"] == "too_short" and "tuple" in str(first.get("ctx", ""))):
+        msg += "; write [low, high]"
+    return loc, msg

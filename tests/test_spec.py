@@ -95,6 +95,14 @@ def test_experts_short_forms_are_named_by_folder_or_key():
     ({"algorithm": {"name": "cmaess"}}, "algorithm.name: unknown algorithm 'cmaess'; known:"),
     ({"budget": {"evaluations": 0}}, "budget.evaluations: Input should be greater than or equal to 1"),
     ({"colour": "blue"}, "colour: Extra inputs are not permitted"),
+    ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
+    ({"space": {"search": {"weight": [0, float("inf")]}}}, "space.search.weight: bounds must be finite numbers"),
+    ({"space": {"search": {"weight": "0-1.5"}}}, "write [low, high]"),
+    ({"algorithm": {"name": "cmaes", "options": {"popsiz": 3}}}, "algorithm.options.popsiz: Extra inputs are not permitted"),
+    ({"algorithm": {"name": "cmaes", "options": {"cma_options": {"popsizee": 3}}}}, "'popsizee' is not a cma option"),
+    ({"algorithm": {"name": "cmaes", "options": {"cma_options": {"bounds": [0, 2]}}}}, "bounds is set by evomerge from the space"),
+    ({"objectives": [{"name": "a", "task": {"kind": "classification", "data": "d"}, "metric": "acc_norm"}]},
+     "objectives.0.metric: a classification objective reports accuracy, not 'acc_norm'"),
     ({"objectives": []}, "objectives: List should have at least 1 item"),
 ])
 def test_mistakes_name_the_field(change, expected):
@@ -111,6 +119,13 @@ def test_mistakes_name_the_field(change, expected):
 ])
 def test_objective_mistakes_name_the_field(objectives, expected):
     assert expected in error_of(minimal(objectives=objectives))
+
+
+def test_errors_carry_the_field_and_the_file(tmp_path: Path):
+    with pytest.raises(SpecError) as e:
+        JobSpec.from_dict(minimal(space={"method": "ties", "search": {"densty": [0.1, 1]}}), where="job.yaml")
+    assert e.value.where == "space.search.densty" and e.value.file == "job.yaml"
+    assert str(e.value).startswith("job.yaml: space.search.densty: ties has no parameter 'densty'")
 
 
 def test_expert_name_mistakes():

@@ -192,6 +192,10 @@ def evaluate_setting(setting: "ParameterSetting", tensor_name: str, t: float) ->
         if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
             return setting[int(t * (len(setting) - 1))]
         scaled = t * (len(setting) - 1)
+        # t = i/(L-1) times (L-1) is not always exactly i (24 layers: layer 13 gives 12.999...); snap, so a
+        # per-layer list hits its entry exactly and integer parameters stay integers.
+        if abs(scaled - round(scaled)) < 1e-9:
+            scaled = float(round(scaled))
         i0 = int(scaled)
         i1 = min(len(setting) - 1, i0 + 1)
         frac = scaled - i0

@@ -436,3 +436,14 @@ def test_every_method_declares_a_paper_and_parameters() -> None:
         assert method.reference.startswith("http")
         names = [p.name for p in method.params]
         assert len(set(names)) == len(names)
+
+
+@pytest.mark.parametrize("num_layers", [4, 23, 24, 27, 48, 80, 96])
+def test_a_per_layer_list_hits_each_layer_entry_exactly(num_layers: int) -> None:
+    # t = i/(L-1) scaled back by (L-1) is not always exactly i in floating point (24 layers: layer 13 gives
+    # 12.999...); an integer per-layer parameter must stay an integer, a float one must not blend neighbours.
+    values = list(range(num_layers))
+    for i in range(num_layers):
+        t = i / (num_layers - 1)
+        got = evaluate_setting(values, "model.layers.x.weight", t)
+        assert got == i and float(got).is_integer(), (i, got)

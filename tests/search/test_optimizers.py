@@ -127,6 +127,16 @@ def test_cmaes_failed_candidates_rank_last_and_more_than_a_generation_can_be_ask
     all_failed = opt.ask()
     opt.tell(all_failed, [[np.nan, np.nan]] * len(all_failed))
     assert opt.es.countiter == 2
+    assert not opt.done, f"an all-failed generation ended the search ({opt.stop_reason})"
+
+
+def test_cmaes_keeps_going_after_flat_generations() -> None:
+    # Small accuracy sets often score a whole generation the same; that must not end the search.
+    opt = CMAES(box(3, budget=200), seed=0)
+    for _ in range(5):
+        X = opt.ask()
+        opt.tell(X, [[0.5]] * len(X))
+    assert opt.es.countiter == 5 and not opt.done, opt.stop_reason
 
 
 # ------------------------------------------------------------------------------------ nsga2 and optuna

@@ -42,14 +42,16 @@ import warnings
 from typing import Any, Iterator, Literal, Mapping
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from evomerge.search.optimizers.base import Generation, Optimizer, OptimizerOptions, register
 from evomerge.search.problem import Problem, losses_with_failures_last
 from evomerge.search.state import decode_pickle, encode_pickle
 
 DIAGONAL_FROM = 1000
-_CMA_DEFAULTS: dict[str, Any] = {"tolflatfitness": 10}
+# tolfun/tolfunhist off: with them, one generation of equal scores (or of failures, all told as equal) satisfies
+# "the scores span less than 1e-11" and ends the search after one generation; the budget ends it instead.
+_CMA_DEFAULTS: dict[str, Any] = {"tolflatfitness": 10, "tolfun": 0, "tolfunhist": 0}
 
 
 class _Normal:
@@ -71,6 +73,21 @@ class CMAESOptions(OptimizerOptions):
     cma_options: dict[str, Any] = Field(default_factory=dict, description="Further cma options, passed as they "
                                         "are (e.g. tolflatfitness, CMA_elitist); bounds, seed and randn are ours.")
 
+    @field_validator("cma_options")
+    @classmethod
+    def _known_cma_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        import cma
+
+        ours = {"bounds": "the space", "seed": "the spec's seed", "randn": "the spec's seed",
+                "CMA_diagonal": "the `diagonal` option", "popsize": "the `popsize` option"}
+        known = cma.CMAOptions()
+        for key in options:
+            if key in ours:
+                raise ValueError(f"{key} is set by evomerge from {ours[key]}; remove it from cma_options")
+            if key not in known:
+                raise ValueError(f"{key!r} is not a cma option (see cma.CMAOptions())")
+        return options
+
 
 @register("cmaes")
 class CMAES(Optimizer):
@@ -86,9 +103,6 @@ class CMAES(Optimizer):
 
         opts = self.options
         diagonal = opts.diagonal if isinstance(opts.diagonal, bool) else problem.dim >= DIAGONAL_FROM
-        reserved = {"bounds", "seed", "randn"} & set(opts.cma_options)
-        if reserved:
-            raise ValueError(f"cma_options: {', '.join(sorted(reserved))} are set by evomerge")
         cma_opts: dict[str, Any] = {**_CMA_DEFAULTS, **opts.cma_options, "bounds": [0.0, 1.0], "seed": np.nan,
                                     "randn": _Normal(self.seed), "verbose": -9, "CMA_diagonal": diagonal}
         if opts.popsize is not None:
