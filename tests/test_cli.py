@@ -139,6 +139,9 @@ def _start_commands(ws: Workspace, pool: ThreadPoolExecutor) -> None:
     # recipes written above
     start("validate_bad", "recipe", "validate", ws.recipes / "method.yml")
     start("validate_missing", "recipe", "validate", ws.recipes / "missing_path.yml")
+    start("testbed", "testbed", "build", "digits", ws.root / "beds" / "digits", "--size", "ci")
+    start("testbed_unknown", "testbed", "build", "mnist", ws.root / "beds" / "mnist")
+    start("testbed_size", "testbed", "build", "digits", ws.root / "beds" / "bad", "--size", "huge")
     start("help", "--help")
     start("recipe_help", "recipe", "--help")
     start("usage", "materialize")
@@ -392,10 +395,28 @@ def test_demo(ws: Workspace) -> None:
     assert "Loading weights" not in r.stderr and "Writing model shards" not in r.stderr
 
 
+def test_testbed_build_then_reuse(ws: Workspace) -> None:
+    r = result(ws, "testbed")
+    assert r.returncode == 0, r.stderr
+    bed = ws.root / "beds" / "digits"
+    assert "digits test bed ready in" in r.stdout and str(bed) in r.stdout
+    manifest = json.loads((bed / "testbed.json").read_text())
+    assert manifest["arguments"]["size"] == "ci"
+    stamp = (bed / "testbed.json").stat().st_mtime_ns
+    again = evomerge("testbed", "build", "digits", bed, "--size", "ci")
+    assert again.returncode == 0, again.stderr
+    assert (bed / "testbed.json").stat().st_mtime_ns == stamp, "a finished bed was rebuilt"
+
+
+def test_testbed_unknown_name_or_size(ws: Workspace) -> None:
+    assert_user_error(result(ws, "testbed_unknown"), "testbed", "mnist", "digits, tinylm")
+    assert_user_error(result(ws, "testbed_size"), "huge")
+
+
 def test_help_lists_commands(ws: Workspace) -> None:
     r = result(ws, "help")
     assert r.returncode == 0
-    for command in ("materialize", "recipe", "demo"):
+    for command in ("materialize", "recipe", "demo", "testbed"):
         assert command in r.stdout
     r = result(ws, "recipe_help")
     assert r.returncode == 0 and "validate" in r.stdout and "convert" in r.stdout
