@@ -335,7 +335,7 @@ class AlgorithmSpec(_Strict):
         try:
             self.options = optimizer.Options.model_validate(self.options).model_dump()
         except ValidationError as e:
-            field, message = _first_error(e)
+            field, message = first_error(e)
             raise ValueError(f"options.{field}: {message}" if field else f"options: {message}") from None
         return self
 
@@ -421,7 +421,7 @@ class JobSpec(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            field, message = _first_error(e)
+            field, message = first_error(e)
             raise SpecError(message, where=field, file=where) from None
 
     def with_root(self, root: Path) -> "JobSpec":
@@ -464,7 +464,7 @@ class JobSpec(_Strict):
         return [o.name for o in self.objectives]
 
 
-def _first_error(error: ValidationError) -> tuple[str, str]:
+def first_error(error: ValidationError) -> tuple[str, str]:
     """The first problem pydantic found, as (dotted field, what is wrong and how to fix it)."""
     first = error.errors()[0]
     loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "union[", "list[")))

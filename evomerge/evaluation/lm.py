@@ -430,35 +430,60 @@ def _generate_plain(model: torch.nn.Module, inputs: list[list[int]], streams: li
 
 def generate_with_shortcut(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
                            forced: Sequence[Sequence[int]], rule: StopRule, *, max_new_tokens: int, batch_size: int,
-                           pad_id: int, teacher: ContinuationBatches | None) -> tuple[list[list[int]], int]:
+                           pad_id: int, teacher: ContinuationBatches | None,
+                           alternatives: Sequence[Sequence[int] | None] | None = None) -> tuple[list[list[int]], int]:
     """Greedy continuations, decided where possible by one teacher-forced pass over ``prompt + forced``.
 
     ``forced`` holds the tokens greedy should produce for a correct answer (answer then stop string). The
     argmax at each forced position is greedy's choice *as long as greedy has produced the forced tokens so
     far*, so replaying the stop rule over those argmaxes until the first disagreement gives greedy's output
-    exactly whenever generation ends within that stretch (right answers, and wrong ones that stop early). The
-    rest are generated, resuming after the tokens the pass already fixed. Returns the continuations and how
-    many needed real generation.
+    exactly whenever generation ends within that stretch (right answers, and wrong ones that stop early).
+
+    ``alternatives`` (per example, or None) are second guesses, the answer after a space: where greedy's first
+    token is not ``forced``'s but is the alternative's (a prompt ``"A:"`` answered ``" 72"``, not ``"72"``), a
+    second teacher-forced pass over ``prompt + alternative`` is replayed the same way; the argument above holds
+    for any forced sequence, so the result is still greedy's. The rest are generated, resuming after the tokens
+    a pass already fixed. Returns the continuations and how many needed real generation.
     """
     known: list[list[int]] = [[] for _ in prompts]
     pending: list[int] = list(range(len(prompts)))
     if teacher is not None:
         tops = teacher.run(model, argmax=True).argmax
-        pending = []
+        pending, retry = [], []
         for i, (target, top) in enumerate(zip(forced, tops)):
-            stream = rule.stream(max_new_tokens)
-            for j, choice in enumerate(top.tolist()):
-                if stream.push(choice) or choice != target[j]:
-                    break
-            known[i] = stream.tokens
-            if not stream.done:
+            known[i], done = _replay(rule, max_new_tokens, target, top)
+            if done:
+                continue
+            alternative = alternatives[i] if alternatives is not None else None
+            # Not done means the pass disagreed somewhere; known[i] ends with greedy's token there.
+            if alternative and len(known[i]) == 1 and known[i][0] == alternative[0] != target[0]:
+                retry.append(i)
+            else:
                 pending.append(i)
+        if retry:
+            second = teacher_batches([prompts[i] for i in retry], [alternatives[i] for i in retry],
+                                     batch_size=batch_size, pad_id=pad_id, device=model_device(model))
+            for i, top in zip(retry, second.run(model, argmax=True).argmax):
+                known[i], done = _replay(rule, max_new_tokens, alternatives[i], top)
+                if not done:
+                    pending.append(i)
+            pending.sort()
     if pending:
         generated = greedy_generate(model, [prompts[i] for i in pending], rule, max_new_tokens=max_new_tokens,
                                     batch_size=batch_size, pad_id=pad_id, prefixes=[known[i] for i in pending])
         for i, tokens in zip(pending, generated):
             known[i] = tokens
     return known, len(pending)
+
+
+def _replay(rule: StopRule, max_new_tokens: int, target: Sequence[int], top: np.ndarray) -> tuple[list[int], bool]:
+    """Greedy's tokens read off a teacher-forced pass: its argmaxes up to and including the first one that leaves
+    ``target``, cut by the stop rule; and whether generation has ended there."""
+    stream = rule.stream(max_new_tokens)
+    for j, choice in enumerate(top.tolist()):
+        if stream.push(choice) or choice != target[j]:
+            break
+    return stream.tokens, stream.done
 
 
 def teacher_batches(prompts: Sequence[Sequence[int]], forced: Sequence[Sequence[int]], *, batch_size: int,

@@ -32,9 +32,10 @@ import json
 import string
 import sys
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -53,7 +54,7 @@ from evomerge.evaluation.lm import (
     rolling_pairs,
     teacher_batches,
 )
-from evomerge.spec import ObjectiveSpec
+from evomerge.spec import ObjectiveSpec, first_error
 
 SPLITS = ("data", "holdout")
 
@@ -174,10 +175,34 @@ class _ArrayData:
 
 @dataclass
 class _TextData:
-    batches: list[tuple[torch.Tensor, torch.Tensor, np.ndarray]]  # input ids, attention mask, row indices
+    encoded: list[list[int]]  # token ids per row, truncated
     y: np.ndarray
     path: Path
     rows: Rows
+    device: torch.device
+    batch_size: int
+    fill: int  # the tokenizer's pad id: pads batches for models without a config
+    unused: int  # the smallest id no row holds
+    # pad id (None: one row per batch) -> [(input ids, attention mask, row indices)], built on first use
+    batches: dict[int | None, list[tuple[torch.Tensor, torch.Tensor, np.ndarray]]] = field(default_factory=dict)
+
+    def batches_for(self, pad: int | None) -> list[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
+        """Length-sorted batches right-padded with ``pad``; with None, one row per batch (no padding)."""
+        if pad not in self.batches:
+            size = self.batch_size if pad is not None else 1
+            order = sorted(range(len(self.encoded)), key=lambda i: (-len(self.encoded[i]), i))
+            batches = []
+            for start in range(0, len(order), size):
+                index = np.array(order[start:start + size], dtype=np.int64)
+                width = len(self.encoded[index[0]])
+                ids = torch.full((len(index), width), 0 if pad is None else pad, dtype=torch.long)
+                mask = torch.zeros((len(index), width), dtype=torch.long)
+                for b, i in enumerate(index):
+                    ids[b, :len(self.encoded[i])] = torch.tensor(self.encoded[i], dtype=torch.long)
+                    mask[b, :len(self.encoded[i])] = 1
+                batches.append((ids.to(self.device), mask.to(self.device), index))
+            self.batches[pad] = batches
+        return self.batches[pad]
 
 
 class ClassificationScorer(Scorer):
@@ -218,19 +243,13 @@ class ClassificationScorer(Scorer):
         limit = self.task.max_length or context_window(None, self.tokenizer)
         encoded = [list(self.tokenizer(str(t), truncation=limit is not None, max_length=limit)["input_ids"])
                    for t in texts]
-        pad = _pad_id(self.tokenizer)
-        order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
-        batches = []
-        for start in range(0, len(order), self.task.batch_size):
-            index = np.array(order[start:start + self.task.batch_size], dtype=np.int64)
-            width = len(encoded[index[0]])
-            ids = torch.full((len(index), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(index), width), dtype=torch.long)
-            for b, i in enumerate(index):
-                ids[b, :len(encoded[i])] = torch.tensor(encoded[i], dtype=torch.long)
-                mask[b, :len(encoded[i])] = 1
-            batches.append((ids.to(device), mask.to(device), index))
-        return _TextData(batches, y, rows.path, rows)
+        for i, tokens in enumerate(encoded):
+            if not tokens:
+                raise DataError(f"{rows.path.name} line {rows.lines[i]}: the text is empty and the tokenizer adds "
+                                "no special tokens; there is nothing to classify", where=self._column_field("input"))
+        used = {token for tokens in encoded for token in tokens}
+        unused = next(i for i in range(len(used) + 1) if i not in used)
+        return _TextData(encoded, y, rows.path, rows, device, self.task.batch_size, _pad_id(self.tokenizer), unused)
 
     def _score(self, model: torch.nn.Module, data: _ArrayData | _TextData) -> tuple[dict, dict]:
         pred = np.empty(len(data.y), dtype=np.int64)
@@ -243,10 +262,11 @@ class ClassificationScorer(Scorer):
                 classes = logits.shape[-1]
                 pred[start:start + size] = logits.argmax(-1).cpu().numpy()
         else:
-            for ids, mask, index in data.batches:
-                logits = self._class_logits(model(input_ids=ids, attention_mask=mask), model)
-                classes = logits.shape[-1]
-                pred[index] = logits.argmax(-1).cpu().numpy()
+            with _classification_padding(model, data.fill, data.unused) as pad:
+                for ids, mask, index in data.batches_for(pad):
+                    logits = self._class_logits(model(input_ids=ids, attention_mask=mask), model)
+                    classes = logits.shape[-1]
+                    pred[index] = logits.argmax(-1).cpu().numpy()
         self._check_labels(data, classes)
         return {"accuracy": (pred == data.y).astype(np.float64)}, {}
 
@@ -274,6 +294,39 @@ def _float_dtype(model: torch.nn.Module) -> torch.dtype:
         if p.is_floating_point():
             return p.dtype
     return torch.float32
+
+
+@contextmanager
+def _classification_padding(model: torch.nn.Module, fill: int, unused: int) -> Iterator[int | None]:
+    """The id to right-pad text batches with so that each row is classified as it would be alone (None: score
+    one row at a time).
+
+    Decoder classifiers (transformers' ``…ForSequenceClassification`` of Llama, Mistral, Qwen, GPT-2…) pool the
+    logits of the last token that is not ``config.pad_token_id``, whatever the attention mask says, so padding
+    must be that id. A config without a usable one (None, or no id of the vocabulary) makes them pool the last
+    position and refuse batches; for the call, the config's pad id is set to an id no row holds (``unused``),
+    which then pools each row's last token, as alone. Encoders pool by the mask and ignore the id; models
+    without a config get the tokenizer's pad (``fill``)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        yield fill
+        return
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None) or getattr(config, "vocab_size", None)
+    pad = getattr(config, "pad_token_id", None)
+    if isinstance(pad, int) and pad >= 0 and (vocab is None or pad < vocab):
+        yield pad
+        return
+    if vocab is not None and unused >= vocab:  # every id occurs in some row: nothing can stand for padding
+        yield None
+        return
+    config.pad_token_id = unused
+    try:
+        yield unused
+    finally:
+        config.pad_token_id = pad
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -379,16 +432,21 @@ class MultipleChoiceScorer(_LMScorer):
 
 
 def _answer_index(answer: Any, choices: list[str]) -> int | None:
+    """The gold choice: a string that is one of the choices is that choice (CSV cells are always strings, so
+    ``"4"`` among ``["2", "4", "6", "8"]`` is the second), any other digit string an index; numbers are indices."""
     if isinstance(answer, bool):
         return None
-    if isinstance(answer, (int, np.integer)) or (isinstance(answer, str) and answer.strip().isdigit()):
+    if isinstance(answer, str):
+        if answer in choices:
+            return choices.index(answer)
+        if not answer.strip().isdigit():
+            return None
         index = int(answer)
-        return index if 0 <= index < len(choices) else None
-    if isinstance(answer, float) and answer.is_integer():
-        return int(answer) if 0 <= answer < len(choices) else None
-    if isinstance(answer, str) and answer in choices:
-        return choices.index(answer)
-    return None
+    elif isinstance(answer, (int, np.integer)) or (isinstance(answer, float) and answer.is_integer()):
+        index = int(answer)
+    else:
+        return None
+    return index if 0 <= index < len(choices) else None
 
 
 @dataclass
@@ -453,6 +511,7 @@ class NLLScorer(_LMScorer):
 class _Generation:
     prompts: list[list[int]]
     forced: list[list[int]]  # answer then the first stop string: what a right generation produces
+    alternatives: list[list[int] | None]  # the same after a space, for answers that do not start with one
     answers: list[str]  # normalised
     device: torch.device
     teacher: ContinuationBatches | None = None
@@ -462,9 +521,10 @@ class _Generation:
 class ExactMatchScorer(_LMScorer):
     """Greedy generation after the prompt, cut at the first stop string, compared with the answer after
     normalisation. A teacher-forced pass over ``prompt + answer + stop`` decides every example whose generation
-    would end while it still follows that text (see :func:`~evomerge.evaluation.lm.generate_with_shortcut`); the
-    others are generated. ``teacher_forcing=False`` generates every example (the reference the shortcut is
-    tested against)."""
+    would end while it still follows that text (see :func:`~evomerge.evaluation.lm.generate_with_shortcut`), and a
+    second pass over ``prompt + " " + answer + stop`` those whose generation starts with that space (a prompt
+    ``"A:"`` that the model continues with ``" 72"``); the others are generated. ``teacher_forcing=False``
+    generates every example (the reference the shortcut is tested against)."""
 
     kind = "exact_match"
     METRICS = ("exact_match",)
@@ -481,10 +541,14 @@ class ExactMatchScorer(_LMScorer):
         answers = [str(a) for a in rows.column(self.task.target or "answer", field=self._column_field("target"),
                                                what="answer")]
         stop_ids = self.codec.continuation(self.task.stop[0]) if self.task.stop else []
+        new = self.task.max_new_tokens
         # Any token would do where the answer and stop are empty: the pass only needs one position to read.
-        forced = [(self.codec.continuation(a) + stop_ids)[:self.task.max_new_tokens] or [self.codec.prefix_id]
-                  for a in answers]
-        return _Generation([self.codec.prompt(str(p)) for p in prompts], forced,
+        forced = [(self.codec.continuation(a) + stop_ids)[:new] or [self.codec.prefix_id] for a in answers]
+        alternatives = []
+        for answer, tokens in zip(answers, forced):
+            spaced = (self.codec.continuation(" " + answer) + stop_ids)[:new] if answer[:1].strip() else None
+            alternatives.append(spaced if spaced and spaced[0] != tokens[0] else None)
+        return _Generation([self.codec.prompt(str(p)) for p in prompts], forced, alternatives,
                            [self.normalize(a) for a in answers], device)
 
     def _setup(self, model: torch.nn.Module, data: _Generation) -> None:
@@ -508,7 +572,7 @@ class ExactMatchScorer(_LMScorer):
         tokens, generated = generate_with_shortcut(model, data.prompts, data.forced, rule,
                                                    max_new_tokens=self.task.max_new_tokens,
                                                    batch_size=self.task.batch_size, pad_id=self.codec.pad_id,
-                                                   teacher=data.teacher)
+                                                   teacher=data.teacher, alternatives=data.alternatives)
         texts = [rule.text(t) for t in tokens]
         hits = [float(self.normalize(text) == answer) for text, answer in zip(texts, data.answers)]
         return {"exact_match": hits}, {"generated": generated, "predictions": texts}
@@ -695,8 +759,7 @@ def parse_objective(data: Mapping[str, Any]) -> ObjectiveSpec:
     try:
         return ObjectiveSpec.model_validate(dict(data))
     except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
+        # The job spec's reading of pydantic's report, so a bad objective names the same field either way.
+        loc, message = first_error(e)
         name = data.get("name", "?") if isinstance(data, Mapping) else "?"
-        raise UserError(f"{first['msg'].removeprefix('Value error, ')}",
-                        where=f"objectives.{name}" + (f".{loc}" if loc else "")) from None
+        raise UserError(message, where=f"objectives.{name}" + (f".{loc}" if loc else "")) from None

@@ -260,30 +260,73 @@ class ModelSet:
         """A live model holding the merged weights, with layer-path input scales hooked in.
 
         A transformers model for an HF base, an ``nn.Sequential`` for an ``evomerge_mlp`` one
-        (:mod:`evomerge.merging.mlp`); needs the base's config.json.
+        (:mod:`evomerge.merging.mlp`); needs the base's config.json. The model is on this set's device, in the
+        dtype its class builds (float32 unless the class says otherwise), whatever the merged tensors' dtype.
+
+        Building costs the merge and one copy of its weights: parameters are created on the meta device (no
+        allocation, no random init) and the merged tensors are assigned to them; buffers the checkpoint does not
+        hold (rotary frequencies, position ids) are built as usual, so they hold what the class computes.
         """
+        import contextlib
+        import threading
+
         import transformers
 
         config_dict = self.merged_config(recipe)
         if config_dict is None:
             raise RecipeError("build_model needs a base with config.json (a Hugging Face model directory)",
                               where="base")
-        if is_mlp_config(config_dict):
-            if recipe.path:
-                raise RecipeError("layer paths need a transformer; an MLP's layers differ in shape", where="path")
-            model = build_mlp(config_dict)
-        else:
-            config_dict = {k: v for k, v in config_dict.items() if k not in ("transformers_version",)}
-            config = transformers.AutoConfig.for_model(**config_dict)
-            model = model_class(config)(config)
+        if is_mlp_config(config_dict) and recipe.path:
+            raise RecipeError("layer paths need a transformer; an MLP's layers differ in shape", where="path")
+
+        # accelerate's init_empty_weights(include_buffers=False): parameters go to the meta device as they are
+        # registered (their init then costs nothing), buffers stay real. torch.device("meta") alone would put the
+        # buffers there too, and nothing generic recomputes them. Only this thread's modules are affected.
+        register = torch.nn.Module.register_parameter
+        builder = threading.get_ident()
+
+        def register_on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+            register(module, name, param)
+            if param is not None and threading.get_ident() == builder and not param.is_meta:
+                meta = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+                meta.__dict__.update(param.__dict__)
+                module._parameters[name] = meta
+
+        @contextlib.contextmanager
+        def parameters_on_meta():
+            torch.nn.Module.register_parameter = register_on_meta
+            try:
+                yield
+            finally:
+                torch.nn.Module.register_parameter = register
+
+        with parameters_on_meta():
+            if is_mlp_config(config_dict):
+                model = build_mlp(config_dict)
+            else:
+                config_dict = {k: v for k, v in config_dict.items() if k not in ("transformers_version",)}
+                config = transformers.AutoConfig.for_model(**config_dict)
+                model = model_class(config)(config)
         state = self.merge(recipe)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        live = model.state_dict(keep_vars=True)  # what load_state_dict matches: tied names too, no transient buffers
+        unexpected = [n for n in state if n not in live]
         if unexpected:
             raise ModelMismatchError(f"merged tensor {unexpected[0]!r} has no place in the model", where="recipe")
+        # Copies in the dtype the class built: tensors of the merge may share storage (a layer repeated along a
+        # path) or map a checkpoint file, and the evaluator later writes into these parameters in place.
+        owned = {name: state.pop(name).to(device=self.device, dtype=live[name].dtype, copy=True)
+                 for name in list(state)}
+        model.load_state_dict(owned, strict=False, assign=True)
+        if hasattr(model, "tie_weights"):  # a tied head is still the meta tensor built above until it is re-tied
+            model.tie_weights()
+        empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if empty:
+            more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+            raise ModelMismatchError(f"the merged weights have no tensor {empty[0]!r}{more} that the model needs; "
+                                     "is the base checkpoint complete?", where="recipe")
+        model.to(self.device)  # the buffers built above; parameters are there already
         if recipe.path:
             apply_scales(model, recipe, self.layout)
-        if hasattr(model, "tie_weights"):
-            model.tie_weights()
         return model.eval()
 
 

@@ -42,3 +42,9 @@ def tokenizer(llama: Family) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(llama.base), local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def gpt2(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    """GPT2LMHeadModel (4 layers) whose head is tied to the token embeddings, with the character tokenizer."""
+    return build_family(tmp_path_factory.mktemp("eval_gpt2"), "gpt2", n_experts=2, seed=0)

@@ -207,3 +207,110 @@ def test_hybrid_recipes_rewrite_the_path_model_when_the_parameter_merge_changes(
     assert evaluator.model_for(hybrid(1.2)) is model
     assert first.values["loss"] != second.values["loss"]
     assert_same(second, evaluator.score_model(llama_set.build_model(hybrid(1.2))))
+
+
+# ------------------------------------------------------------------------------------------------- live models
+
+
+def built_the_old_way(ms: ModelSet, recipe: Recipe) -> torch.nn.Module:
+    """Random init, then the merged weights copied in: what ModelSet.build_model did before building on meta."""
+    import transformers
+
+    from evomerge.merging.dataflow import model_class
+    from evomerge.merging.mlp import build_mlp, is_mlp_config
+
+    config = ms.merged_config(recipe)
+    if is_mlp_config(config):
+        model = build_mlp(config)
+    else:
+        config = transformers.AutoConfig.for_model(**{k: v for k, v in config.items() if k != "transformers_version"})
+        model = model_class(config)(config)
+    model.load_state_dict(ms.merge(recipe), strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model.eval()
+
+
+TOKENS = torch.tensor([[1, 5, 9, 14, 22, 40, 3, 17]])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_built_model_equals_one_initialised_at_random_then_loaded(arch: str, request: pytest.FixtureRequest) -> None:
+    family = request.getfixturevalue(arch)
+    ms = ModelSet.load(family.base, family.experts)
+    longer = path_recipe([("e0", 0, 1.0), ("e1", 1, 1.0), ("e1", 1, 1.0), ("base", 3, 1.0), ("e0", 2, 1.0)])
+    for recipe in (arithmetic((0.7, -0.2)), longer):
+        built, old = ms.build_model(recipe), built_the_old_way(ms, recipe)
+        assert not [n for n, t in [*built.named_parameters(), *built.named_buffers()] if t.is_meta]
+        # Buffers the checkpoint does not hold (rotary frequencies, GPT-2's position ids) are the class's own.
+        old_buffers = dict(old.named_buffers())
+        for name, buffer in built.named_buffers():
+            assert torch.equal(buffer, old_buffers[name]), name
+        assert {p.dtype for p in built.parameters()} == {torch.float32}
+        with torch.no_grad():
+            assert torch.equal(built(TOKENS).logits, old(TOKENS).logits)
+        if arch == "gpt2":  # the head is the embedding matrix itself, not a copy of it
+            assert built.lm_head.weight is built.transformer.wte.weight
+            assert old.lm_head.weight is old.transformer.wte.weight
+
+
+def test_an_mlp_built_equals_one_initialised_at_random_then_loaded(mlp: Family) -> None:
+    ms = ModelSet.load(mlp.base, mlp.experts)
+    recipe = arithmetic((0.7, 0.2))
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ms.build_model(recipe)(x), built_the_old_way(ms, recipe)(x))
+
+
+def test_building_a_model_initialises_no_weights(llama_set: ModelSet, mlp: Family) -> None:
+    # Random init (0.56 s at 58M parameters) would draw from the global generator; building on meta draws nothing.
+    for ms, recipe in ((llama_set, path_recipe([("e0", 0, 1.0), ("e1", 2, 1.0), ("base", 3, 1.0)])),
+                       (ModelSet.load(mlp.base, mlp.experts), arithmetic((0.5, 0.5)))):
+        state = torch.random.get_rng_state()
+        model = ms.build_model(recipe)
+        assert torch.equal(torch.random.get_rng_state(), state)
+        assert not any(p.is_meta for p in model.parameters())
+    state = torch.random.get_rng_state()
+    built_the_old_way(llama_set, arithmetic((0.5, 0.5)))
+    assert not torch.equal(torch.random.get_rng_state(), state)  # the check above can fail
+
+
+def test_path_models_own_their_weights_when_rewritten_in_place(llama_set: ModelSet, lm_objectives: list[dict]) -> None:
+    """A layer used twice along a path, or read from an expert's file, must not share storage with anything:
+    the evaluator writes the next recipe of the same structure into those parameters."""
+    def hybrid(weight: float, steps: list[tuple[str, int]]) -> Recipe:
+        path = [{"model": m, "layer": i} for m, i in steps]
+        return arithmetic((weight, 0.5)).model_copy(update={"path": Recipe.model_validate(
+            {"merge_method": "passthrough", "path": path}).path})
+
+    name = "model.layers.1.mlp.up_proj.weight"
+    on_disk = llama_set.checkpoints["e1"].read(name).clone()
+    first = hybrid(0.2, [("merged", 0), ("merged", 0), ("e1", 1), ("e1", 1)])
+    second = hybrid(0.9, [("e0", 2), ("merged", 3), ("base", 0), ("merged", 1)])
+    evaluator = Evaluator(llama_set, lm_objectives[1:3])
+    before = evaluator.evaluate(first)
+    model = evaluator.model_for(first)
+    storages = [p.untyped_storage().data_ptr() for p in model.parameters()]
+    assert len(set(storages)) == len(storages)
+    after = evaluator.evaluate(second)
+    assert evaluator.model_for(second) is model
+    assert_same(after, evaluator.score_model(llama_set.build_model(second)))
+    assert torch.equal(llama_set.checkpoints["e1"].read(name), on_disk)
+    assert_same(evaluator.evaluate(first), before)
+
+
+def test_a_model_tensor_no_checkpoint_holds_is_an_error_not_random_weights(llama: Family, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from evomerge.errors import ModelMismatchError
+
+    for folder in (llama.base, *llama.experts.values()):
+        copy = shutil.copytree(folder, tmp_path / folder.name)
+        tensors = load_file(copy / "model.safetensors")
+        del tensors["model.norm.weight"]
+        save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    ms = ModelSet.load(tmp_path / "base", {name: tmp_path / name for name in llama.experts})
+    with pytest.raises(ModelMismatchError, match="no tensor 'model.norm.weight'"):
+        ms.build_model(arithmetic((0.5, 0.5)))

@@ -87,6 +87,48 @@ def test_text_classification_matches_one_example_at_a_time(bert: Family, tmp_pat
     assert scorer.score(model).per_example.tolist() == expected
 
 
+@pytest.mark.parametrize("pad", ["tokenizer", "eos", "s", None])
+def test_batched_text_classification_with_a_decoder_classifier_equals_one_example_at_a_time(
+        tokenizer: Any, tmp_path: Path, pad: str | None) -> None:
+    """Llama/Mistral/Qwen/GPT-2 classifiers pool the last token that is not ``config.pad_token_id``: padding with
+    any other id pools a padding position; without a pad id they refuse batches of more than one row."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    pad_id = {"tokenizer": tokenizer.pad_token_id, "eos": tokenizer.eos_token_id, None: None,
+              "s": tokenizer.convert_tokens_to_ids("s")}[pad]  # "s": a real character, ending some texts
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, num_labels=5,
+                         pad_token_id=pad_id)
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(config).eval()
+    texts = ["a cat sat", "dogs", "the quick brown fox jumps", "x", "hello there general", "zz top", "cats",
+             "ab", "yes", "no", "emus", "a cat ran"]
+    with torch.no_grad():
+        alone = [int(model(**tokenizer(t, return_tensors="pt")).logits.argmax(-1)) for t in texts]
+    assert len(set(alone)) > 1  # pooling the wrong position would change some predictions
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t, "label": lab} for t, lab in zip(texts, alone)])
+    scorer = build_scorer(objective("sent", kind="classification", data=str(data), batch_size=4), tokenizer=tokenizer)
+    assert scorer.score(model).per_example.tolist() == [1.0] * len(texts)
+    assert model.config.pad_token_id == pad_id  # a pad id set for the call is taken back
+
+
+def test_a_decoder_classifier_without_a_pad_id_whose_every_id_occurs_is_scored_one_row_at_a_time(
+        tokenizer: Any, tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, num_labels=3)
+    torch.manual_seed(1)
+    model = LlamaForSequenceClassification(config).eval()
+    texts = ["<pad>ab", "</s>cd", "\u00e9", "abcd", "dcba", "ba", "c", "aab"]  # ids 0-7: "\u00e9" is <unk>
+    assert {i for t in texts for i in tokenizer(t)["input_ids"]} == set(range(8))
+    with torch.no_grad():
+        alone = [int(model(**tokenizer(t, return_tensors="pt")).logits.argmax(-1)) for t in texts]
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t, "label": lab} for t, lab in zip(texts, alone)])
+    scorer = build_scorer(objective("sent", kind="classification", data=str(data), batch_size=4), tokenizer=tokenizer)
+    assert scorer.score(model).per_example.tolist() == [1.0] * len(texts)
+
+
 def test_text_classification_without_a_tokenizer_is_a_user_error(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": 0}])
     scorer = build_scorer(objective("sent", kind="classification", data=str(data)))
@@ -148,6 +190,25 @@ def test_multiple_choice_answer_out_of_range_names_the_line(tokenizer: Any, tmp_
     with pytest.raises(DataError, match="line 2: answer 2 is neither an index") as info:
         scorer.check()
     assert info.value.where == "objectives.mc.task.target"
+
+
+def test_a_multiple_choice_answer_that_is_a_choices_text_is_that_choice(tokenizer: Any, tmp_path: Path) -> None:
+    """CSV cells are strings: ``"6"`` among ``["2", "4", "6", "8"]`` is the third choice, not index 6; a digit
+    string that is no choice is an index; numbers (JSON) are always indices."""
+    table = torch.zeros(64, 64)
+    table[tokenizer.convert_tokens_to_ids("q"), tokenizer.convert_tokens_to_ids("6")] = 4.0  # the model picks "6"
+    path = tmp_path / "mc.csv"
+    path.write_text('prompt,choices,answer\n'
+                    'q,"[""2"", ""4"", ""6"", ""8""]",6\n'  # the choice "6": right (was index 6: out of range)
+                    'q,"[""2"", ""4"", ""6"", ""8""]",2\n'  # the choice "2": wrong (was index 2, "6": right)
+                    'q,"[""2"", ""4"", ""6"", ""8""]",1\n'  # no choice is "1": index 1, "4": wrong
+                    'q,"[""a"", ""b"", ""6""]",2\n')  # no choice is "2": index 2, "6": right
+    spec = {"name": "mc", "metric": "acc", "task": {"kind": "multiple_choice", "data": str(path)}}
+    assert build_scorer(spec, tokenizer=tokenizer).score(BigramLM(table)).per_example.tolist() == [1, 0, 0, 1]
+    data = write_jsonl(tmp_path / "mc.jsonl", [{"prompt": "q", "choices": ["2", "4", "6", "8"], "answer": 2},
+                                               {"prompt": "q", "choices": ["2", "4", "6", "8"], "answer": 0}])
+    spec["task"]["data"] = str(data)
+    assert build_scorer(spec, tokenizer=tokenizer).score(BigramLM(table)).per_example.tolist() == [1, 0]
 
 
 def test_trailing_whitespace_of_the_context_moves_into_the_continuation(tokenizer: Any) -> None:
@@ -238,6 +299,25 @@ def test_exact_match_stops_at_the_first_of_several_stop_strings(tokenizer: Any, 
     assert result.per_example.tolist() == [1.0, 0.0]
 
 
+def test_exact_match_decides_answers_greedy_writes_after_a_space_without_generating(tokenizer: Any,
+                                                                                  tmp_path: Path) -> None:
+    """Prompt "a:", answer "72", greedy " 72": the answer's own tokens disagree at once, the spaced ones do not."""
+    model = BigramLM(chain_table(tokenizer, {":": " ", " ": "7", "7": "2", "2": "\n", "9": "9"}))
+    rows = [{"prompt": "a:", "answer": "72"},  # " 72" then "\n": right, decided by the second pass
+            {"prompt": "b:", "answer": "73"},  # " 72": leaves " 73" at "2", then generated
+            {"prompt": "7", "answer": "2"},  # "2" at once: decided by the first pass
+            {"prompt": "c:", "answer": "99"},  # " " is not "9" and "99" after a space is not " 72": generated
+            {"prompt": "d:", "answer": " 72"}]  # already spaced: the first pass decides it
+    data = write_jsonl(tmp_path / "em.jsonl", rows)
+    spec = build_scorer(objective("em", kind="exact_match", data=str(data), max_new_tokens=6, normalize=["strip"],
+                                  batch_size=2), tokenizer=tokenizer).objective
+    fast = ExactMatchScorer(spec, tokenizer=tokenizer).score(model)
+    slow = ExactMatchScorer(spec, tokenizer=tokenizer, teacher_forcing=False).score(model)
+    assert fast.details["predictions"] == slow.details["predictions"] == [" 72", " 72", "2", " 72", " 72"]
+    assert fast.per_example.tolist() == slow.per_example.tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
+    assert fast.details["generated"] == 2
+
+
 def test_normalizations() -> None:
     text = "  The  Cat,\tsat!  "
     assert make_normalizer(["strip"])(text) == "The  Cat,\tsat!"
@@ -277,6 +357,33 @@ def test_teacher_forced_exact_match_equals_generation_on_a_real_model(llama: Fam
     assert fast.details["predictions"] == slow.details["predictions"] == truth
     assert fast.per_example.tolist() == slow.per_example.tolist() == [float(i % 2 == 0 or t[:2] + "q" == t)
                                                                        for i, t in enumerate(truth)]
+    assert fast.details["generated"] < len(prompts) == slow.details["generated"]
+
+
+def test_spaced_second_pass_equals_generation_on_a_real_model(llama: Family, tokenizer: Any, tmp_path: Path) -> None:
+    """The model is made to answer ":" with a space; answers are written without it, right or wrong."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(llama.base)).eval()
+    space, colon = tokenizer.convert_tokens_to_ids(" "), tokenizer.convert_tokens_to_ids(":")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[colon] = model.lm_head.weight[space] * 40
+    gen = np.random.default_rng(1)
+    prompts = ["".join(gen.choice(list("abcdefghij"), size=int(gen.integers(1, 10)))) + ":" for _ in range(24)]
+    rows = [{"prompt": p, "answer": "x"} for p in prompts]
+    spec = objective("em", kind="exact_match", data=str(write_jsonl(tmp_path / "em.jsonl", rows)), max_new_tokens=6,
+                     normalize=["strip"], batch_size=5)
+    reference = ExactMatchScorer(build_scorer(spec, tokenizer=tokenizer).objective, tokenizer=tokenizer,
+                                 teacher_forcing=False)
+    truth = reference.score(model).details["predictions"]
+    assert all(t.startswith(" ") and t.strip() for t in truth)
+    answers = [t.strip() if i % 2 == 0 else t.strip()[:1] + "q" for i, t in enumerate(truth)]
+    write_jsonl(tmp_path / "em.jsonl", [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)])
+    objective_spec = build_scorer(spec, tokenizer=tokenizer).objective
+    fast = ExactMatchScorer(objective_spec, tokenizer=tokenizer).score(model)
+    slow = ExactMatchScorer(objective_spec, tokenizer=tokenizer, teacher_forcing=False).score(model)
+    assert fast.details["predictions"] == slow.details["predictions"] == truth
+    assert fast.per_example.tolist() == slow.per_example.tolist()
     assert fast.details["generated"] < len(prompts) == slow.details["generated"]
 
 
