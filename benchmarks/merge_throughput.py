@@ -27,13 +27,11 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
@@ -44,6 +42,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from evomerge.merging import ModelSet, Recipe  # noqa: E402
+from machine import machine_info, say  # noqa: E402  (benchmarks/machine.py)
 from evomerge.testbeds.synthetic import build_family  # noqa: E402
 
 N_EXPERTS = 3
@@ -273,36 +272,6 @@ def table(report: dict) -> str:
         extra = f" (setup: {r['setup_ms']:.1f} ms for the magnitude orders)" if r["setup_ms"] is not None else ""
         notes.append(f"{method}: first call {r['first_call_ms']:.1f} ms{extra}")
     return "\n".join(lines + [""] + notes)
-
-
-def machine_info(threads: int, load_before: tuple, load_after: tuple) -> dict:
-    cpu_model = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        mem_gb = None
-    try:
-        mergekit_version = metadata.version("mergekit")
-    except metadata.PackageNotFoundError:
-        mergekit_version = None
-    return {
-        "platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_model,
-        "cpu_count": os.cpu_count(), "memory_gb": mem_gb, "gpu": torch.cuda.is_available(),
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "threads_requested": threads,
-        "interop_threads": torch.get_num_interop_threads(), "mergekit": mergekit_version,
-        "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in load_after],
-    }
-
-
-def say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

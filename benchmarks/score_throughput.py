@@ -12,12 +12,8 @@ Beds:
 
 - ``digits`` (:mod:`evomerge.testbeds.digits`): the 64-256-10 MLP, experts on digits 0-4 and 5-9, one
   accuracy objective per half (``search_0_4.npz``, ``search_5_9.npz``).
-- ``tinylm``: the tinylm test bed (``evomerge.testbeds.build("tinylm", ...)``): its experts (``expert_*``
-  folders) and one exact-match objective per ``search_*.jsonl`` plus an NLL objective on the first. While that bed
-  is not available (``evomerge.testbeds.tinylm`` missing), a stand-in is used and recorded as such: the synthetic
-  tiny Llama family (random weights, character tokenizer, 4 layers) with three generated string tasks — one whose
-  answers are the base's own greedy outputs (mostly right near the base: the teacher-forced path) and two whose
-  answers it cannot know (reverse, upper-case: the generation path), plus NLL.
+- ``tinylm`` (:mod:`evomerge.testbeds.tinylm`): the tiny character-level Llama and its experts (``expert_*``
+  folders), one exact-match objective per task (``<task>_search.jsonl``) plus an NLL objective on the first.
 
     .venv/bin/python benchmarks/score_throughput.py                       # both beds, 40 candidates each
     .venv/bin/python benchmarks/score_throughput.py --beds digits --candidates 200
@@ -26,10 +22,8 @@ Beds:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -47,6 +41,7 @@ if str(ROOT) not in sys.path:
 
 from evomerge.evaluation import Evaluator  # noqa: E402
 from evomerge.merging import ModelSet, Recipe  # noqa: E402
+from machine import machine_info, say  # noqa: E402  (benchmarks/machine.py)
 
 BEDS = ("digits", "tinylm")
 WEIGHT_RANGE = (0.0, 1.5)
@@ -114,59 +109,20 @@ def digits_setup(workdir: Path, size: str) -> dict[str, Any]:
                   for t in ("0_4", "5_9")]
     return {"description": "digits MLP 64-256-10, experts 0-4 and 5-9, accuracy on both search sets",
             "base": out / "base", "experts": {"e04": out / "expert_0_4", "e59": out / "expert_5_9"},
-            "objectives": objectives, "stand_in": False}
+            "objectives": objectives}
 
 
 def tinylm_setup(workdir: Path, size: str) -> dict[str, Any]:
-    if importlib.util.find_spec("evomerge.testbeds.tinylm") is None:
-        return synthetic_lm_setup(workdir)
     from evomerge.testbeds import build
 
     out = build("tinylm", workdir / "tinylm", size=size, progress=say)
     experts = {p.name: p for p in sorted(out.glob("expert_*")) if p.is_dir()}
-    tasks = sorted(out.glob("search_*.jsonl"))
-    if not experts or not tasks:
-        raise SystemExit(f"{out} has no expert_* folders or search_*.jsonl files; update tinylm_setup to the bed's "
-                         "layout")
-    objectives = [{"name": f"em_{p.stem.removeprefix('search_')}", "task": {"kind": "exact_match", "data": str(p)}}
-                  for p in tasks]
+    tasks = sorted(p for p in out.glob("*_search.jsonl") if "_mc_" not in p.name)
+    objectives = [{"name": f"em_{p.name.removesuffix('_search.jsonl')}",
+                   "task": {"kind": "exact_match", "data": str(p)}} for p in tasks]
     objectives.append({"name": "nll", "task": {"kind": "nll", "data": str(tasks[0])}})
     return {"description": f"tinylm bed: {len(experts)} experts, exact match on {len(tasks)} tasks + NLL",
-            "base": out / "base", "experts": experts, "objectives": objectives, "stand_in": False}
-
-
-def synthetic_lm_setup(workdir: Path) -> dict[str, Any]:
-    """The stand-in while the tinylm bed is not there: see the module docstring."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from evomerge.testbeds.synthetic import build_family
-
-    family = build_family(workdir / "synthetic-llama", "llama", n_experts=2, seed=0, progress=say)
-    data = workdir / "synthetic-llama" / "tasks"
-    data.mkdir(exist_ok=True)
-    rng = np.random.default_rng(0)
-    words = ["".join(rng.choice(list("abcdefghijklmnop"), size=int(rng.integers(3, 9)))) for _ in range(200)]
-    tokenizer = AutoTokenizer.from_pretrained(str(family.base), local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(str(family.base)).eval()
-    echo = []
-    with torch.inference_mode():
-        for w in words:
-            ids = tokenizer(f"echo {w}:")["input_ids"]
-            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
-            echo.append(tokenizer.decode(out, skip_special_tokens=True).split("\n")[0])
-    tasks = {"echo": [{"prompt": f"echo {w}:", "answer": a} for w, a in zip(words, echo)],
-             "reverse": [{"prompt": f"reverse {w}:", "answer": w[::-1]} for w in words],
-             "upper": [{"prompt": f"upper {w}:", "answer": w.upper()} for w in words]}
-    for name, rows in tasks.items():
-        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    objectives = [{"name": f"em_{name}", "task": {"kind": "exact_match", "data": str(data / f"{name}.jsonl"),
-                                                  "max_new_tokens": 8, "normalize": ["strip", "lower"]}}
-                  for name in tasks]
-    objectives.append({"name": "nll", "task": {"kind": "nll", "data": str(data / "reverse.jsonl")}})
-    return {"description": "STAND-IN for tinylm (evomerge.testbeds.tinylm not available): synthetic tiny Llama "
-                           "(hidden 32, 4 layers), 3 x 200 exact-match examples + NLL",
-            "base": family.base, "experts": family.experts, "objectives": objectives, "stand_in": True}
+            "base": out / "base", "experts": experts, "objectives": objectives}
 
 
 SETUPS = {"digits": digits_setup, "tinylm": tinylm_setup}
@@ -210,7 +166,6 @@ def run_bed(setup: dict[str, Any], candidates: int, seed: int) -> dict[str, Any]
             generated[name] = {"median": statistics.median(counts), "examples": len(rows[0].per_example[name])}
     return {
         "description": setup["description"],
-        "stand_in": setup["stand_in"],
         "params": ms.num_params(),
         "objectives": {o["name"]: o["task"]["kind"] for o in setup["objectives"]},
         "examples": {name: int(len(v)) for name, v in first.per_example.items()},
@@ -232,7 +187,7 @@ def table(report: dict) -> str:
     rows = [("bed", "cand/s", "ms/cand", "merge ms", "score ms", "merge share", "per objective ms")]
     for bed, r in report["beds"].items():
         per = ", ".join(f"{k} {v:.1f}" for k, v in r["objective_ms"].items())
-        rows.append((bed + (" (stand-in)" if r["stand_in"] else ""), f"{r['candidates_per_s']:.1f}",
+        rows.append((bed, f"{r['candidates_per_s']:.1f}",
                      f"{r['candidate_ms']:.1f}", f"{r['merge_ms']:.2f}", f"{r['score_ms']:.1f}",
                      f"{100 * r['merge_share']:.1f}%", per))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -248,30 +203,6 @@ def table(report: dict) -> str:
             notes.append(f"  {name}: median {g['median']} of {g['examples']} examples generated, the rest decided "
                          "by the teacher-forced pass")
     return "\n".join(lines + [""] + notes)
-
-
-def machine_info(threads: int, load_before: tuple, load_after: tuple) -> dict:
-    cpu_model = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import transformers
-
-    return {
-        "platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_model,
-        "cpu_count": os.cpu_count(), "gpu": torch.cuda.is_available(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
-        "threads_requested": threads, "loadavg_before": [round(x, 2) for x in load_before],
-        "loadavg_after": [round(x, 2) for x in load_after],
-    }
-
-
-def say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ exits with code 2; the service answers 422 with it. Anything else is a bug and k
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 
 class UserError(ValueError):
     """A mistake in what the user gave us, explained in one line.
@@ -33,3 +36,28 @@ class ModelMismatchError(UserError):
 
 class RecipeError(UserError):
     """A recipe that does not validate: unknown method or model, bad or out-of-range parameter."""
+
+
+def yaml_problem(error: Any) -> str:
+    """A YAML parse error as one line: ``malformed YAML at line 3: expected ',' or ']'``."""
+    mark = getattr(error, "problem_mark", None)
+    line = f" at line {mark.line + 1}" if mark is not None else ""
+    return f"malformed YAML{line}: {getattr(error, 'problem', None) or error}"
+
+
+def first_error(error: Any) -> tuple[str, str]:
+    """The first problem of a pydantic ``ValidationError``, as (dotted field, what is wrong and how to fix it).
+
+    A model validator reports a sub-field by starting its message with it (``"search.x: ..."``); that prefix
+    joins the location, so ``where`` always names the innermost field.
+    """
+    first = error.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "union[", "list[")))
+    msg = first["msg"].removeprefix("Value error, ")
+    match = re.match(r"^([A-Za-z_][\w.]*): ", msg)
+    if match:
+        loc = f"{loc}.{match[1]}" if loc else match[1]
+        msg = msg[match.end():]
+    if first["type"] == "tuple_type" or (first["type"] == "too_short" and "tuple" in str(first.get("ctx", ""))):
+        msg += "; write [low, high]"
+    return loc, msg

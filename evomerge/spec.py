@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from evomerge.errors import UserError
+from evomerge.errors import UserError, first_error, yaml_problem
 
 SPEC_VERSION = 1
 BASE = "base"  # the base model's name in the recipes a spec's searches produce
@@ -408,9 +408,7 @@ class JobSpec(_Strict):
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f" at line {mark.line + 1}" if mark is not None else ""
-            raise SpecError(f"malformed YAML{line}: {getattr(e, 'problem', e)}", file=where) from None
+            raise SpecError(yaml_problem(e), file=where) from None
         return cls.from_dict(data, where=where)
 
     @classmethod
@@ -462,18 +460,3 @@ class JobSpec(_Strict):
     @property
     def objective_names(self) -> list[str]:
         return [o.name for o in self.objectives]
-
-
-def first_error(error: ValidationError) -> tuple[str, str]:
-    """The first problem pydantic found, as (dotted field, what is wrong and how to fix it)."""
-    first = error.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "union[", "list[")))
-    msg = first["msg"].removeprefix("Value error, ")
-    # A model validator's message starts with its own sub-field ("search.x: ..."): move it into the location.
-    match = re.match(r"^([A-Za-z_][\w.]*): ", msg)
-    if match:
-        loc = f"{loc}.{match[1]}" if loc else match[1]
-        msg = msg[match.end():]
-    if first["type"] == "tuple_type" or (first["type"] == "too_short" and "tuple" in str(first.get("ctx", ""))):
-        msg += "; write [low, high]"
-    return loc, msg

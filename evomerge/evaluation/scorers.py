@@ -40,7 +40,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from evomerge.errors import UserError
+from evomerge.errors import UserError, first_error
 from evomerge.evaluation.data import DataError, Rows, check_file, integer_labels, is_array_file, read_arrays, read_rows
 from evomerge.evaluation.lm import (
     ContinuationBatches,
@@ -54,7 +54,7 @@ from evomerge.evaluation.lm import (
     rolling_pairs,
     teacher_batches,
 )
-from evomerge.spec import ObjectiveSpec, first_error
+from evomerge.spec import ObjectiveSpec
 
 SPLITS = ("data", "holdout")
 

@@ -20,7 +20,11 @@ _EXPORTS = {
     "METHODS": "catalog", "Method": "catalog", "Param": "catalog", "ModelSet": "modelset", "load_for": "modelset",
     "ConditionalValue": "recipe", "ModelEntry": "recipe", "PathStep": "recipe", "Recipe": "recipe",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Checkpoint", "ConditionalValue", "Layout", "METHODS", "Method", "ModelEntry", "ModelSet", "Param", "PathStep",
+    "Recipe", "layout", "load_for", "load_merged", "materialize", "open_checkpoint", "save_checkpoint",
+]
+assert sorted(__all__) == sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from evomerge.merging.catalog import METHODS, Method, Param

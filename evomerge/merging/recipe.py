@@ -18,7 +18,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from evomerge.errors import RecipeError
+from evomerge.errors import RecipeError, first_error, yaml_problem
 
 RECIPE_VERSION = 1
 
@@ -161,9 +161,7 @@ class Recipe(BaseModel):
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f" at line {mark.line + 1}" if mark is not None else ""
-            raise RecipeError(f"malformed YAML{line}: {getattr(e, 'problem', e)}", where=where) from None
+            raise RecipeError(yaml_problem(e), where=where) from None
         if not isinstance(data, dict):
             raise RecipeError("a mergekit recipe is a YAML mapping with merge_method and models", where=where)
         from evomerge.merging.mergekit_yaml import recipe_dict_from_mergekit
@@ -195,12 +193,5 @@ def _validate(data: Any, where: str) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(_first_error(e), where=where) from None
-
-
-def _first_error(error: ValidationError) -> str:
-    """One line from pydantic's report: the field's dotted location and what is wrong with it."""
-    first = error.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "union[", "list[")))
-    msg = first["msg"].removeprefix("Value error, ")
-    return f"{loc}: {msg}" if loc else msg
+        field, message = first_error(e)
+        raise RecipeError(f"{field}: {message}" if field else message, where=where) from None

@@ -21,7 +21,7 @@ from typing import Any
 
 from evomerge.errors import UserError
 
-from evomerge.testbeds import MANIFEST, SIZES, TESTBEDS
+from evomerge.testbeds import MANIFEST, SIZES
 
 Progress = Callable[[str], None]
 
