@@ -127,11 +127,9 @@ class SpaceSpec(_Strict):
     @field_validator("method")
     @classmethod
     def _method(cls, name: str) -> str:
-        from evomerge.merging.catalog import METHODS
+        from evomerge.merging.catalog import method
 
-        if name not in METHODS:
-            raise ValueError(f"unknown merge method {name!r}; known: {', '.join(sorted(METHODS))}")
-        return name
+        return method(name).name
 
     @field_validator("search")
     @classmethod

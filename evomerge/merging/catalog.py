@@ -331,8 +331,8 @@ del _m
 
 
 def method(name: str) -> Method:
-    """The declaration of a method by name (KeyError names the known ones)."""
+    """The declaration of a method by name; ValueError names the known ones (pydantic validators re-raise it)."""
     try:
         return METHODS[name]
     except KeyError:
-        raise KeyError(f"unknown merge method {name!r}; known: {', '.join(sorted(METHODS))}") from None
+        raise ValueError(f"unknown merge method {name!r}; known: {', '.join(sorted(METHODS))}") from None

@@ -82,11 +82,9 @@ class Recipe(BaseModel):
     @field_validator("merge_method")
     @classmethod
     def _known_method(cls, name: str) -> str:
-        from evomerge.merging.catalog import METHODS
+        from evomerge.merging.catalog import method
 
-        if name not in METHODS:
-            raise ValueError(f"unknown merge method {name!r}; known: {', '.join(sorted(METHODS))}")
-        return name
+        return method(name).name
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
