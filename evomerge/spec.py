@@ -116,6 +116,9 @@ class SpaceSpec(_Strict):
     layer_groups: int = Field(default=1, ge=1, description="1 = one value per expert; N = per group of layers.")
     filters: list[str] | None = Field(default=None, description="Split each value by tensor-name filter "
                                       "(e.g. [self_attn, mlp]), as mergekit-evolve does.")
+    non_layer: Literal["first_group", "own"] = Field(
+        default="first_group", description="Tensors outside the layers (embeddings, final norm, head): the first "
+        "layer group's values (mergekit's t = 0), or values of their own per expert.")
     search: dict[str, tuple[float, float]] | None = Field(
         default=None, description="Parameter -> [low, high]; omitted = the method's searchable parameters.")
     fixed: dict[str, Any] = Field(default_factory=dict, description="Parameters held constant.")

@@ -37,7 +37,8 @@ def test_model_shape_from_a_layout_counts_parameters_in_and_outside_the_layers()
     counts = {"model.embed_tokens.weight": 100, "lm_head.weight": 100, "model.norm.weight": 4,
               **{f"model.layers.{i}.mlp.up_proj.weight": 16 for i in range(3)}}
     shape = ModelShape.from_layout(layout(names), counts)
-    assert shape == ModelShape(num_layers=3, params_per_layer=16, params_other=204)
+    assert shape == ModelShape(num_layers=3, params_per_layer=16, params_other=204,
+                               non_layer_names=("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"))
     assert shape.num_params() == 252 and shape.num_params(5) == 284
     assert ModelShape.from_layout(num_layers=7) == ModelShape(7)
     assert ModelShape(4).num_params() is None

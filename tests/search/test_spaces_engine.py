@@ -73,6 +73,45 @@ def test_decoded_parameter_recipe_applies_each_layer_groups_value_per_filter(job
     assert torch.allclose(logits(load_merged(folder)), out, atol=1e-5)
 
 
+def test_tensors_outside_the_layers_can_have_their_own_values(job, family: Family, ms: ModelSet,
+                                                               shape: ModelShape, tmp_path: Path) -> None:
+    spec = job({"kind": "parameter", "method": "task_arithmetic", "layer_groups": 2, "non_layer": "own",
+                "search": {"weight": [0.0, 1.0]}}, experts=tuple(family.experts), sources=sources(family))
+    space = make_space(spec, shape)
+    assert space.dim == 2 * (1 + 2)  # per expert: outside the layers, then two layer groups
+    assert space.names()[:3] == ["weight[e0][outside layers]", "weight[e0][layers 0-1]", "weight[e0][layers 2-3]"]
+    x = np.array([0.9, 0.1, 0.2, 0.05, 0.3, 0.4])
+    recipe = space.decode(x)
+    state = ms.merge(recipe)
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        want = ms.base[name] + 0.9 * ms.deltas[name][0] + 0.05 * ms.deltas[name][1]
+        assert torch.allclose(state[name], want, atol=1e-6), name
+    for layer, (w0, w1) in {0: (0.1, 0.3), 3: (0.2, 0.4)}.items():
+        name = f"model.layers.{layer}.mlp.up_proj.weight"
+        assert torch.allclose(state[name], ms.base[name] + w0 * ms.deltas[name][0] + w1 * ms.deltas[name][1],
+                              atol=1e-6), name
+    assert np.allclose(space.encode(recipe), x)
+    # mergekit reads the same recipe: named conditionals first, then the per-layer list
+    exported = recipe.to_mergekit_yaml()
+    assert "filter: model.embed_tokens.weight" in exported and "filter: lm_head.weight" in exported
+    folder = materialize(recipe, tmp_path / "own")
+    assert torch.allclose(logits(load_merged(folder)), logits(ms.build_model(recipe)), atol=1e-5)
+    # and mergekit 0.1.5, fed the exported YAML, writes the same weights
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    from safetensors.torch import load_file
+
+    theirs = tmp_path / "mergekit"
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(exported)), str(theirs),
+              options=MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=False,
+                                   device="cpu"))
+    merged = {k: v for f in theirs.glob("*.safetensors") for k, v in load_file(f).items()}
+    for name, tensor in state.items():
+        assert torch.allclose(merged[name].float(), tensor, atol=1e-6), name
+
+
 def test_decoded_dataflow_recipe_builds_runs_and_reloads_with_its_scales(job, family: Family, ms: ModelSet,
                                                                          shape: ModelShape, tmp_path: Path) -> None:
     spec = job({"kind": "dataflow", "repeats": 2, "scale_bounds": [0.5, 1.5]}, experts=tuple(family.experts),

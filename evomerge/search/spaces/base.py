@@ -24,6 +24,7 @@ class ModelShape:
     num_layers: int
     params_per_layer: int | None = None
     params_other: int | None = None
+    non_layer_names: tuple[str, ...] = ()  # tensors outside the blocks: embeddings, final norm, head
 
     def __post_init__(self) -> None:
         if self.num_layers < 1:
@@ -43,8 +44,9 @@ class ModelShape:
                 raise ValueError("give a layout or num_layers")
             return cls(num_layers=num_layers)
         layers = int(layout.num_layers if num_layers is None else num_layers)
+        outer = tuple(name for name, place in layout.places.items() if getattr(place, "layer", None) is None)
         if not param_counts:
-            return cls(num_layers=layers)
+            return cls(num_layers=layers, non_layer_names=outer)
         in_layers = other = 0
         for name, count in param_counts.items():
             place = layout.places.get(name)
@@ -52,7 +54,8 @@ class ModelShape:
                 in_layers += int(count)
             else:
                 other += int(count)
-        return cls(num_layers=layers, params_per_layer=in_layers // max(1, layers), params_other=other)
+        return cls(num_layers=layers, params_per_layer=in_layers // max(1, layers), params_other=other,
+                   non_layer_names=outer)
 
     def num_params(self, path_length: int | None = None) -> int | None:
         """Parameters of a model with ``path_length`` blocks (default: the base's), when the counts are known."""

@@ -13,7 +13,9 @@ Values are written the way both our engine and mergekit read them: one group →
 of length L whose entry i is layer i's value — a mergekit *gradient* evaluated at t = i/(L−1) hits entry i
 exactly — and filters → a conditional list ``[{filter: self_attn, value: …}, …, {value: …}]`` whose last entry
 covers every other tensor. Tensors outside the blocks (embeddings, final norm, head) get t = 0, so layer 0's
-value (group 0) applies to them, as in mergekit.
+value (group 0) applies to them, as in mergekit — unless the space gives them values of their own
+(``non_layer: own``): then one more gene per parameter and model, written as conditional entries naming each of
+those tensors, ahead of the rest.
 """
 
 from __future__ import annotations
@@ -36,10 +38,14 @@ BASE = "base"
 _DELLA_MARGIN = 1e-6
 
 
+NON_LAYER = -1  # the group of tensors outside the layers, when they have genes of their own
+
+
 @dataclass(frozen=True)
 class Gene:
     """One genome coordinate: parameter ``param`` of ``model`` (None: a global parameter), for tensors matching
-    ``filter`` (None: tensors no filter matches, or all when there are no filters), in layer group ``group``."""
+    ``filter`` (None: tensors no filter matches, or all when there are no filters), in layer group ``group``
+    (``NON_LAYER``: the tensors outside the layers)."""
 
     param: str
     model: str | None
@@ -117,8 +123,10 @@ class ParameterSpace(Space):
     def __init__(self, method: str, experts: Sequence[str], num_layers: int,
                  search: Mapping[str, tuple[float, float]], *, fixed: Mapping[str, Any] | None = None,
                  layer_groups: int = 1, filters: Sequence[str] | None = None, base: str = BASE,
-                 sources: Mapping[str, str] | None = None, seed: int = 0, base_weight: bool = True) -> None:
+                 sources: Mapping[str, str] | None = None, seed: int = 0, base_weight: bool = True,
+                 non_layer_names: Sequence[str] = ()) -> None:
         self.method: Method = METHODS[method]
+        self.non_layer_names = list(non_layer_names)
         self.experts = list(experts)
         self.num_layers = int(num_layers)
         self.search = {k: (float(lo), float(hi)) for k, (lo, hi) in search.items()}
@@ -154,12 +162,12 @@ class ParameterSpace(Space):
             bounds = self.search[param.name]
             start = default_value(param, bounds, len(targets))
             for target in targets:
-                for filter_name in filter_sets:
-                    for group in range(self.layer_groups):
-                        self.genes.append(Gene(param.name, target, filter_name, group))
-                        lower.append(bounds[0])
-                        upper.append(bounds[1])
-                        x0.append(start)
+                genes = [Gene(param.name, target, None, NON_LAYER)] if self.non_layer_names else []
+                genes += [Gene(param.name, target, f, g) for f in filter_sets for g in range(self.layer_groups)]
+                self.genes += genes
+                lower += [bounds[0]] * len(genes)
+                upper += [bounds[1]] * len(genes)
+                x0 += [start] * len(genes)
         self.lower = np.array(lower)
         self.upper = np.array(upper)
         self.x0 = np.array(x0)
@@ -175,9 +183,15 @@ class ParameterSpace(Space):
     def from_spec(cls, spec: "JobSpec", shape: ModelShape) -> "ParameterSpace":
         space = spec.space
         _check_groups(space.layer_groups, shape.num_layers)
+        if space.non_layer == "own" and not shape.non_layer_names:
+            from evomerge.spec import SpecError
+
+            raise SpecError("this model has no tensors outside its layers; remove non_layer: own",
+                            where="space.non_layer")
         built = cls(space.method, spec.models.expert_names, shape.num_layers, space.search_bounds(),
                     fixed=space.fixed, layer_groups=space.layer_groups, filters=space.filters, base=BASE,
-                    sources=spec.models.sources(), seed=spec.seed)
+                    sources=spec.models.sources(), seed=spec.seed,
+                    non_layer_names=shape.non_layer_names if space.non_layer == "own" else ())
         _check_decodes(built)
         return built
 
@@ -187,6 +201,9 @@ class ParameterSpace(Space):
         labels = []
         for gene in self.genes:
             label = gene.param if gene.model is None else f"{gene.param}[{gene.model}]"
+            if gene.group == NON_LAYER:
+                labels.append(f"{label}[outside layers]")
+                continue
             if self.filters:
                 label += f"[{gene.filter or 'other'}]"
             if self.layer_groups > 1:
@@ -210,14 +227,18 @@ class ParameterSpace(Space):
     def decode(self, x: np.ndarray | list[float]) -> Recipe:
         values = self.values(x)
         per_target: dict[tuple[str, str | None], dict[str | None, list[float]]] = {}
+        outer: dict[tuple[str, str | None], float] = {}
         for gene, v in values.items():
+            if gene.group == NON_LAYER:
+                outer[(gene.param, gene.model)] = v
+                continue
             by_filter = per_target.setdefault((gene.param, gene.model), {})
             by_filter.setdefault(gene.filter, [0.0] * self.layer_groups)[gene.group] = v
         model_params: dict[str, dict[str, Any]] = {m: {} for m in self.models}
         global_params: dict[str, Any] = dict(self.fixed)
         int_params = {p.name for p in self.params if p.type is int}
         for (param, model), by_filter in per_target.items():
-            setting = self._setting(by_filter, as_int=param in int_params)
+            setting = self._setting(by_filter, as_int=param in int_params, outer=outer.get((param, model)))
             if model is None:
                 global_params[param] = setting
             else:
@@ -231,14 +252,17 @@ class ParameterSpace(Space):
             "seed": self.seed,
         })
 
-    def _setting(self, by_filter: dict[str | None, list[float]], as_int: bool) -> Any:
-        """One parameter's setting: per-layer lists (or a scalar), inside conditionals when there are filters."""
+    def _setting(self, by_filter: dict[str | None, list[float]], as_int: bool, outer: float | None = None) -> Any:
+        """One parameter's setting: per-layer lists (or a scalar), inside conditionals when there are filters or
+        when the tensors outside the layers have their own value (one entry per tensor name, first)."""
         def expand(groups: list[float]) -> Any:
             return expand_groups([int(v) for v in groups] if as_int else groups, self.num_layers)
 
-        if not self.filters:
+        entries = [{"filter": name, "value": int(outer) if as_int else outer} for name in self.non_layer_names
+                   ] if outer is not None else []
+        if not self.filters and not entries:
             return expand(by_filter[None])
-        return [{"filter": f, "value": expand(by_filter[f])} for f in self.filters] + [
+        return entries + [{"filter": f, "value": expand(by_filter[f])} for f in self.filters] + [
             {"value": expand(by_filter[None])}]
 
     def encode(self, recipe: Recipe) -> np.ndarray:
@@ -251,12 +275,16 @@ class ParameterSpace(Space):
         entries = {m.model: m.parameters for m in recipe.models}
         x = self.x0.copy()
         for k, gene in enumerate(self.genes):
-            first = next(i for i in range(self.num_layers)
-                         if group_of(i, self.layer_groups, self.num_layers) == gene.group)
+            if gene.group == NON_LAYER:  # what the recipe gives the first tensor outside the layers (t = 0)
+                first, filter_name = 0, self.non_layer_names[0]
+            else:
+                first = next(i for i in range(self.num_layers)
+                             if group_of(i, self.layer_groups, self.num_layers) == gene.group)
+                filter_name = gene.filter
             sources = [entries.get(gene.model, {}), recipe.parameters] if gene.model is not None else [recipe.parameters]
             for settings in sources:
                 if gene.param in settings:
-                    value = value_at(settings[gene.param], gene.filter, first, self.num_layers)
+                    value = value_at(settings[gene.param], filter_name, first, self.num_layers)
                     if value is not None:
                         x[k] = float(value)
                         break
@@ -265,7 +293,8 @@ class ParameterSpace(Space):
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "dim": self.dim, "method": self.method.name, "models": self.models,
                 "search": {k: list(v) for k, v in self.search.items()}, "layer_groups": self.layer_groups,
-                "filters": self.filters, "num_layers": self.num_layers}
+                "filters": self.filters, "num_layers": self.num_layers,
+                "non_layer": "own" if self.non_layer_names else "first_group"}
 
 
 class CoefficientsSpace(ParameterSpace):
