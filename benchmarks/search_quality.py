@@ -92,6 +92,10 @@ BEDS: dict[str, Callable[[str, Path], Bed]] = {
     "tinylm": lambda size, root: Bed("tinylm", size, _tinylm_experts(root), _tinylm_objectives,
                                      {"kind": "parameter", "method": "task_arithmetic", "layer_groups": 3,
                                       "search": {"weight": [0.0, 1.5]}}, budget=120),
+    # The same, with embeddings, final norm and head searched apart from layer 0 (`non_layer: own`).
+    "tinylm-own": lambda size, root: Bed("tinylm", size, _tinylm_experts(root), _tinylm_objectives,
+                                         {"kind": "parameter", "method": "task_arithmetic", "layer_groups": 3,
+                                          "non_layer": "own", "search": {"weight": [0.0, 1.5]}}, budget=120),
 }
 
 
@@ -177,8 +181,9 @@ def main() -> None:
     if args.out.exists():  # running one bed keeps the other's last results
         results["beds"] = json.loads(args.out.read_text()).get("beds", {})
     for bed_name in args.beds.split(","):
-        root = build(bed_name, args.workdir / f"{bed_name}-{args.size}", size=args.size,
-                     progress=lambda m: print(f"  [{bed_name}] {m}", file=sys.stderr))
+        testbed = bed_name.split("-")[0]
+        root = build(testbed, args.workdir / f"{testbed}-{args.size}", size=args.size,
+                     progress=lambda m: print(f"  [{testbed}] {m}", file=sys.stderr))
         bed = BEDS[bed_name](args.size, root)
         budget = args.budget or bed.budget
         probe = job_spec(bed, root, "random", {}, 0, budget)
