@@ -171,3 +171,13 @@ def test_validating_a_spec_does_not_import_torch():
         assert "torch" not in sys.modules, "spec validation imported torch"
     """)
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("example", sorted((Path(__file__).parent.parent / "examples").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_example_spec_validates(example: Path):
+    spec = JobSpec.load(example)
+    # Paths point into the test bed the example's header says to build, next to the example.
+    assert spec.models.base.startswith(str(example.parent / "testbeds"))
+    assert all(o.task.data is None or o.task.data.startswith(str(example.parent / "testbeds"))
+               for o in spec.objectives)
