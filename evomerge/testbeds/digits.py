@@ -183,11 +183,11 @@ def _load_npz(path: Path) -> tuple["torch.Tensor", "torch.Tensor"]:
 
 
 def mlp() -> "nn.Sequential":
-    """The M2N2 MLP; its state dict is what each model folder's ``model.safetensors`` holds."""
-    from torch import nn
+    """The M2N2 MLP, as the merge engine builds it from ``CONFIG``; its state dict is what each model folder's
+    ``model.safetensors`` holds."""
+    from evomerge.merging.mlp import build_mlp
 
-    inputs, hidden, classes = LAYER_SIZES
-    return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+    return build_mlp(CONFIG)
 
 
 def _train(model: "nn.Module", x: "torch.Tensor", y: "torch.Tensor", lr: float, steps: int) -> None:
