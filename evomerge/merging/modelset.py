@@ -8,6 +8,7 @@ the task vectors (magnitude order, angles) is computed on first use and kept for
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -268,7 +269,6 @@ class ModelSet:
         hold (rotary frequencies, position ids) are built as usual, so they hold what the class computes.
         """
         import contextlib
-        import threading
 
         import transformers
 
@@ -282,7 +282,7 @@ class ModelSet:
         # accelerate's init_empty_weights(include_buffers=False): parameters go to the meta device as they are
         # registered (their init then costs nothing), buffers stay real. torch.device("meta") alone would put the
         # buffers there too, and nothing generic recomputes them. Only this thread's modules are affected.
-        register = torch.nn.Module.register_parameter
+        register = _REGISTER_PARAMETER
         builder = threading.get_ident()
 
         def register_on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
@@ -294,11 +294,13 @@ class ModelSet:
 
         @contextlib.contextmanager
         def parameters_on_meta():
-            torch.nn.Module.register_parameter = register_on_meta
-            try:
-                yield
-            finally:
-                torch.nn.Module.register_parameter = register
+            # One build at a time patches the class: overlapping patches would restore each other's hook.
+            with _BUILD_LOCK:
+                torch.nn.Module.register_parameter = register_on_meta
+                try:
+                    yield
+                finally:
+                    torch.nn.Module.register_parameter = register
 
         with parameters_on_meta():
             if is_mlp_config(config_dict):
@@ -307,7 +309,10 @@ class ModelSet:
                 config_dict = {k: v for k, v in config_dict.items() if k not in ("transformers_version",)}
                 config = transformers.AutoConfig.for_model(**config_dict)
                 model = model_class(config)(config)
-        state = self.merge(recipe)
+        # In the compute dtype, unrounded, exactly as merge_into writes every later candidate: the first candidate
+        # of a search must not score on weights rounded to the checkpoint's bf16 when the rest are not.
+        compute = torch.float64 if any(t.dtype == torch.float64 for t in self.base.values()) else torch.float32
+        state = self.merge(recipe, dtype=compute)
         live = model.state_dict(keep_vars=True)  # what load_state_dict matches: tied names too, no transient buffers
         unexpected = [n for n in state if n not in live]
         if unexpected:
@@ -328,6 +333,10 @@ class ModelSet:
         if recipe.path:
             apply_scales(model, recipe, self.layout)
         return model.eval()
+
+
+_BUILD_LOCK = threading.Lock()
+_REGISTER_PARAMETER = torch.nn.Module.register_parameter
 
 
 def _compute(tensor: torch.Tensor, device: torch.device, rounding: torch.dtype | None = None) -> torch.Tensor:

@@ -24,6 +24,7 @@ from evomerge.errors import UserError
 from evomerge.testbeds import MANIFEST, SIZES
 
 Progress = Callable[[str], None]
+BUILDING = ".testbed-building"  # present from the start of a build until its manifest is written
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any] | None:
@@ -58,18 +59,24 @@ def check_arguments(testbed: str, out_dir: str | Path, seed: int, size: str) -> 
 def cached(out: Path, arguments: Mapping[str, Any]) -> dict[str, Any] | None:
     """The manifest when ``out`` holds a complete bed built with exactly ``arguments``, else None.
 
-    Every file the manifest lists must still be there with its recorded size (hashing is left to
-    :func:`verify`, which tests use; a cache hit must be instant).
+    Every file the manifest lists must still be there with its recorded size; a file whose modification time
+    changed since the build is hashed and must match (an untouched bed is a hit without reading a byte).
     """
     recorded = read_manifest(out)
     if recorded is None or recorded.get("arguments") != dict(arguments):
         return None
     files = recorded.get("files")
-    if not isinstance(files, dict) or not files:
+    mtimes = recorded.get("mtimes") or {}
+    if not isinstance(files, dict) or not files or not isinstance(mtimes, dict):
         return None
     for rel, info in files.items():
         path = out / rel
-        if not path.is_file() or not isinstance(info, dict) or path.stat().st_size != info.get("bytes"):
+        if not path.is_file() or not isinstance(info, dict):
+            return None
+        stat = path.stat()
+        if stat.st_size != info.get("bytes"):
+            return None
+        if stat.st_mtime_ns != mtimes.get(rel) and _sha256(path) != info.get("sha256"):
             return None
     return recorded
 
@@ -83,18 +90,29 @@ def verify(out_dir: str | Path) -> list[str]:
 
 
 def start(out: Path, owned: Iterable[str]) -> None:
-    """Begin a (re)build: drop the manifest first, then the entries of our own layout an earlier build left.
+    """Begin a (re)build: mark the folder as ours, drop the manifest, then the entries an earlier build left.
 
-    Only names the bed owns are removed, so a folder that also holds the user's files keeps them.
+    Only names the bed owns are removed, and only when an earlier build wrote them (a manifest, or the marker of a
+    build that was interrupted): a folder where the user keeps a ``base/`` of their own is refused, not emptied.
     """
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
-    for rel in owned:
-        path = out / rel
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+    owned = list(owned)
+    ours = read_manifest(out) is not None or (out / BUILDING).exists()
+    clashes = [rel for rel in owned if (out / rel).exists() or (out / rel).is_symlink()]
+    if clashes and not ours:
+        raise UserError(f"{out} already holds {', '.join(clashes[:3])}{' ...' if len(clashes) > 3 else ''}, which "
+                        "no test bed build wrote; choose an empty folder", where="out_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / BUILDING).write_text("a test bed build started here; it is complete when testbed.json exists\n")
+        (out / MANIFEST).unlink(missing_ok=True)
+        for rel in owned:
+            path = out / rel
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot build the test bed in {out}: {e.strerror or e}", where="out_dir") from None
 
 
 def finish(out: Path, testbed: str, arguments: Mapping[str, Any], files: Iterable[str],
@@ -104,13 +122,19 @@ def finish(out: Path, testbed: str, arguments: Mapping[str, Any], files: Iterabl
         "testbed": testbed,
         "arguments": dict(arguments),
         "files": {rel: {"bytes": (out / rel).stat().st_size, "sha256": _sha256(out / rel)} for rel in sorted(files)},
+        # Apart from "files", which is the same for every build with the same arguments.
+        "mtimes": {rel: (out / rel).stat().st_mtime_ns for rel in sorted(files)},
         "quality": dict(quality),
         "build_seconds": round(time.perf_counter() - started, 1),
         **(extra or {}),
     }
     tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / MANIFEST)
+    try:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, out / MANIFEST)
+        (out / BUILDING).unlink(missing_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write {out / MANIFEST}: {e.strerror or e}", where="out_dir") from None
     return manifest
 
 

@@ -44,6 +44,21 @@ def test_model_shape_from_a_layout_counts_parameters_in_and_outside_the_layers()
     assert ModelShape(4).num_params() is None
 
 
+def test_non_layer_values_need_names_that_address_only_their_tensors(job) -> None:
+    # Meta's original layout: "norm.weight" outside the layers is part of every "layers.i.attention_norm.weight",
+    # so a filter naming it would also set the layer norms (filters match substrings, as in mergekit).
+    names = ["tok_embeddings.weight", "norm.weight", "output.weight"] + [
+        f"layers.{i}.{t}" for i in range(4) for t in ("attention_norm.weight", "attention.wq.weight")]
+    shape = ModelShape.from_layout(layout(names))
+    assert shape.non_layer_clash == "'norm.weight' is part of 'layers.0.attention_norm.weight'"
+    with pytest.raises(SpecError, match=r"^space.non_layer: filters cannot address"):
+        make_space(job({"kind": "parameter", "non_layer": "own", "search": {"weight": [0, 1]}}), shape)
+    with pytest.raises(SpecError, match=r"^space.non_layer: this model has no tensors outside its layers"):
+        make_space(job({"kind": "parameter", "non_layer": "own", "search": {"weight": [0, 1]}}), FOUR)
+    with pytest.raises(SpecError, match=r"^space.non_layer: the coefficients space has one coefficient"):
+        make_space(job({"kind": "coefficients", "non_layer": "own"}), FOUR)
+
+
 # --------------------------------------------------------------------------------------- parameter space
 
 

@@ -215,3 +215,42 @@ def test_a_folder_with_other_files_keeps_them(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     digits.build(tmp_path, seed=0)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_folder_holding_the_users_own_models_is_refused_and_left_alone(tmp_path: Path) -> None:
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model.safetensors").write_text("precious")
+    with pytest.raises(UserError, match=r"out_dir: .* already holds base, which no test bed build wrote"):
+        digits.build(tmp_path, seed=0)
+    assert (tmp_path / "base" / "model.safetensors").read_text() == "precious"
+    assert not (tmp_path / "testbed.json").exists()
+
+
+def test_an_unusable_folder_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="out_dir: "):
+        digits.build(tmp_path / "file" / "bed", seed=0)  # a folder under a file
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="out_dir: "):
+        digits.build(tmp_path / "dangling", seed=0)
+
+
+def test_an_interrupted_build_is_resumed_in_the_same_folder(tmp_path: Path) -> None:
+    from evomerge.testbeds.manifest import BUILDING
+
+    digits.build(tmp_path, seed=0)
+    (tmp_path / "testbed.json").unlink()  # as if killed before the manifest was written
+    (tmp_path / BUILDING).write_text("")
+    digits.build(tmp_path, seed=0)
+    assert (tmp_path / "testbed.json").exists() and not (tmp_path / BUILDING).exists()
+
+
+def test_a_file_changed_in_place_is_rebuilt(tmp_path: Path) -> None:
+    digits.build(tmp_path, seed=0)
+    target = tmp_path / "expert_rot" / "model.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    target.write_bytes(bytes(data))
+    assert verify(tmp_path) == ["expert_rot/model.safetensors"]
+    digits.build(tmp_path, seed=0)
+    assert verify(tmp_path) == []

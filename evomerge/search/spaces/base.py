@@ -25,6 +25,9 @@ class ModelShape:
     params_per_layer: int | None = None
     params_other: int | None = None
     non_layer_names: tuple[str, ...] = ()  # tensors outside the blocks: embeddings, final norm, head
+    # A filter matches names by substring (mergekit's rule): the names above can address their tensors only when
+    # none of them is part of another tensor's name ("norm.weight" is part of "layers.0.attention_norm.weight").
+    non_layer_clash: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_layers < 1:
@@ -45,8 +48,9 @@ class ModelShape:
             return cls(num_layers=num_layers)
         layers = int(layout.num_layers if num_layers is None else num_layers)
         outer = tuple(name for name, place in layout.places.items() if getattr(place, "layer", None) is None)
+        clash = next((f"{a!r} is part of {b!r}" for a in outer for b in layout.places if a != b and a in b), None)
         if not param_counts:
-            return cls(num_layers=layers, non_layer_names=outer)
+            return cls(num_layers=layers, non_layer_names=outer, non_layer_clash=clash)
         in_layers = other = 0
         for name, count in param_counts.items():
             place = layout.places.get(name)
@@ -55,7 +59,7 @@ class ModelShape:
             else:
                 other += int(count)
         return cls(num_layers=layers, params_per_layer=in_layers // max(1, layers), params_other=other,
-                   non_layer_names=outer)
+                   non_layer_names=outer, non_layer_clash=clash)
 
     def num_params(self, path_length: int | None = None) -> int | None:
         """Parameters of a model with ``path_length`` blocks (default: the base's), when the counts are known."""

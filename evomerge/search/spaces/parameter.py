@@ -183,11 +183,15 @@ class ParameterSpace(Space):
     def from_spec(cls, spec: "JobSpec", shape: ModelShape) -> "ParameterSpace":
         space = spec.space
         _check_groups(space.layer_groups, shape.num_layers)
-        if space.non_layer == "own" and not shape.non_layer_names:
+        if space.non_layer == "own":
             from evomerge.spec import SpecError
 
-            raise SpecError("this model has no tensors outside its layers; remove non_layer: own",
-                            where="space.non_layer")
+            if not shape.non_layer_names:
+                raise SpecError("this model has no tensors outside its layers; remove non_layer: own",
+                                where="space.non_layer")
+            if shape.non_layer_clash:
+                raise SpecError(f"filters cannot address the tensors outside the layers on their own "
+                                f"({shape.non_layer_clash}); use non_layer: first_group", where="space.non_layer")
         built = cls(space.method, spec.models.expert_names, shape.num_layers, space.search_bounds(),
                     fixed=space.fixed, layer_groups=space.layer_groups, filters=space.filters, base=BASE,
                     sources=spec.models.sources(), seed=spec.seed,
@@ -320,8 +324,9 @@ class CoefficientsSpace(ParameterSpace):
         if extra:
             raise SpecError(f"the coefficients space searches only `weight`; move {', '.join(extra)} under `fixed` "
                             "or use kind: parameter", where=f"space.search.{extra[0]}")
-        if space.layer_groups != 1 or space.filters:
-            where = "space.layer_groups" if space.layer_groups != 1 else "space.filters"
+        if space.layer_groups != 1 or space.filters or space.non_layer != "first_group":
+            where = ("space.layer_groups" if space.layer_groups != 1 else
+                     "space.filters" if space.filters else "space.non_layer")
             raise SpecError("the coefficients space has one coefficient per expert; use kind: parameter for values "
                             "per layer group or filter", where=where)
         built = cls(spec.models.expert_names, shape.num_layers, search.get("weight", (0.0, 1.0)), fixed=space.fixed,
