@@ -369,11 +369,10 @@ def test_linear_weights_summing_to_zero_is_a_recipe_error(llama: Family) -> None
     assert info.value.where == "parameters"
 
 
-def test_built_model_holds_the_same_weights_merge_into_writes_for_a_bf16_family(tmp_path: Path) -> None:
+def test_built_model_holds_the_same_weights_merge_into_writes_for_a_bf16_family(llama_bf16: Family) -> None:
     # The first candidate of a search is scored on build_model's weights, every later one on merge_into's: the two
     # must agree even when the checkpoints are bf16 (no rounding to the on-disk dtype in one of them only).
-    family = build_family(tmp_path / "bf16", "llama", n_experts=2, seed=0, dtype=torch.bfloat16)
-    ms = ModelSet.load(family.base, family.experts)
+    ms = load(llama_bf16)
     recipe = Recipe(merge_method="task_arithmetic", base_model="base",
                     models=[{"model": "e0", "parameters": {"weight": 0.37}},
                             {"model": "e1", "parameters": {"weight": [0.2, 0.9]}}])
