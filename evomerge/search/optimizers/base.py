@@ -133,6 +133,11 @@ class Optimizer(ABC):
         scores = self.problem.scores(np.array([c.values for c in self._archive]))
         return self._archive[int(np.argmax(scores))]
 
+    def report(self) -> dict[str, Any]:
+        """What the algorithm wants users to see beside the candidates (strict JSON): MAP's predicted front and
+        surrogate R², M2N2's archive. Stored with each checkpoint and shown by the dashboard; empty by default."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: strict JSON (arrays and pickles as base64 strings)."""
         archive = self._archive
