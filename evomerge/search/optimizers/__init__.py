@@ -11,6 +11,7 @@ from evomerge.search.optimizers.cmaes import CMAES, CMAESOptions
 from evomerge.search.optimizers.nsga2 import NSGA2, NSGA2Options
 from evomerge.search.optimizers.optuna_study import OptunaOptions, OptunaSampler
 from evomerge.search.optimizers.random_search import RandomSearch, RandomSearchOptions
+from evomerge.search.optimizers import m2n2, mapfront  # noqa: E402,F401  (register `m2n2` and `map`)
 
 __all__ = ["CMAES", "NSGA2", "OPTIMIZERS", "CMAESOptions", "Candidate", "Front", "Generation", "NSGA2Options",
            "Optimizer", "OptimizerOptions", "OptunaOptions", "OptunaSampler", "RandomSearch", "RandomSearchOptions",
