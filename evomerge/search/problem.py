@@ -39,6 +39,9 @@ class Problem:
     weights: tuple[float, ...] | None = None
     budget: int = 100
     names: tuple[str, ...] | None = field(default=None, repr=False)  # one label per genome coordinate
+    # The space the genomes belong to, for optimizers that work on its representation (M2N2's coefficient fields
+    # and weight vectors); None for a bare box.
+    space: "Space | None" = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         lower = np.asarray(self.lower, dtype=np.float64).reshape(-1)
@@ -96,7 +99,8 @@ class Problem:
         return cls(dim=space.dim, lower=space.lower, upper=space.upper, x0=space.x0,
                    directions=tuple(o.direction for o in spec.objectives),  # type: ignore[misc]
                    scalarize=spec.algorithm.scalarize, weights=tuple(o.weight for o in spec.objectives),
-                   budget=spec.budget.evaluations if budget is None else budget, names=tuple(space.names()))
+                   budget=spec.budget.evaluations if budget is None else budget, names=tuple(space.names()),
+                   space=space)
 
 
 def as_values(values: Sequence[Sequence[float]] | np.ndarray, n_obj: int) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -13,7 +13,9 @@ import pytest
 from evomerge.errors import UserError
 from evomerge.search import OPTIMIZERS, ModelShape, Optimizer, Problem, hypervolume, make_space
 from evomerge.search.optimizers.mapfront import (MAP, angle_bins, bin_probabilities, bin_scores, from_hyperspherical,
-                                                 hypervolume_order, sample_in_bins, spread_order, to_hyperspherical)
+                                                 hypervolume_order, one_hot, sample_in_bins, spread_order,
+                                                 to_hyperspherical)
+from evomerge.search.surrogates import r_squared
 from evomerge.spec import JobSpec
 
 FAST = {"pop_size": 16, "generations": 20}  # NSGA-III on the surrogates: small where quality is not the point
@@ -120,6 +122,72 @@ def test_front_rounds_refit_on_every_point_and_never_repeat_one() -> None:
     assert len({x.tobytes() for x in X}) == len(X)
 
 
+def test_front_errors_are_held_out_predictions_of_the_round_that_proposed_each_point() -> None:
+    # not a sigmoid of a quadratic: the surrogates really err, and later rounds refit on earlier front points
+    def f(x: np.ndarray) -> list[float]:
+        return [sigmoid(4 * x[0] - 3 * x[1] ** 3 + math.sin(6 * x[1])), sigmoid(4 * x[1] - 3 * x[0] ** 3
+                                                                                 + math.cos(5 * x[0]))]
+
+    opt = MAP(box(2), {**FAST, "front_rounds": 3, "front_size": 6}, seed=0)
+    asked: list[tuple[list[float], np.ndarray, int]] = []  # (values, prediction when asked, round)
+    while not opt.done:
+        X = opt.ask()
+        if opt.phase == "front":
+            rounds = opt.sub.fronts_done
+            predicted = np.column_stack([m.predict(np.array(X)) for m in opt.sub.surrogates])
+            asked += [(f(x), p, rounds) for x, p in zip(X, predicted)]
+        opt.tell(X, [f(x) for x in X])
+    G = np.array([a[0] for a in asked])
+    P = np.array([a[1] for a in asked])
+    report = opt.report()
+    front = report["evaluated_front"]
+    np.testing.assert_allclose(front["values"], G)
+    held_out = [r_squared(G[:, j], P[:, j]) for j in range(2)]
+    assert report["front_r2"] == pytest.approx(held_out, abs=1e-9)
+    assert report["front_mae"] == pytest.approx(np.abs(G - P).mean(axis=0), abs=1e-9)
+    np.testing.assert_allclose(front["predicted"], P, atol=1e-9)
+    assert front["round"] == [a[2] for a in asked] == [0] * 6 + [1] * 6 + [2] * 6
+    # the last surrogates, refitted on the first two rounds' front points, fit those far better in-sample
+    last = np.column_stack([m.predict(np.array(front["coefficients"])) for m in opt.sub.surrogates])
+    assert np.abs(G - last)[:12].mean() < 0.7 * np.abs(G - P)[:12].mean()
+    # every round's predicted front is kept; the last is also the predicted front
+    fronts = report["predicted_fronts"]
+    assert [r["round"] for r in fronts] == [0, 1, 2] and fronts[-1]["values"] == report["predicted_front"]["values"]
+    for r in range(3):  # each front point lies on the predicted front of its round
+        proposed = {tuple(c) for c in fronts[r]["coefficients"]}
+        assert all(tuple(c) in proposed for c, k in zip(front["coefficients"], front["round"]) if k == r)
+
+
+def test_extra_asks_beyond_the_predicted_front_are_fill_points_not_front_points() -> None:
+    # one objective: NSGA-III's predicted front is a single point, and a runner with 4 free workers asks for 4
+    opt = MAP(box(2, ("maximize",), budget=100), FAST, seed=0)
+    X = opt.ask()
+    opt.tell(X, [[-(x[0] - 0.3) ** 2 - (x[1] - 0.6) ** 2] for x in X])
+    assert opt.phase == "front" and len(opt.sub.predicted_S) == 1
+    X = opt.ask(4)
+    assert len(X) == 4 and np.allclose(X[0], opt.sub.predicted_S[0])
+    opt.tell(X, [[-(x[0] - 0.3) ** 2 - (x[1] - 0.6) ** 2] for x in X])
+    report = opt.report()
+    assert report["evaluations"] == {"design": 12, "front": 1, "fill": 3}
+    assert len(report["evaluated_front"]["values"]) == 1 and report["evaluated_front"]["round"] == [0]
+    np.testing.assert_allclose(report["evaluated_front"]["coefficients"], [X[0]])
+    assert len(opt.sub.S) == 16  # the fill points still feed the fits
+
+
+def test_one_hot_design_points_stay_distinct_when_the_bounds_exclude_zero() -> None:
+    np.testing.assert_array_equal(one_hot(0, np.zeros(3), np.ones(3)), [1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(one_hot(1, np.full(3, -1.0), np.full(3, -0.2)), [-1.0, -0.2, -1.0])
+    np.testing.assert_array_equal(one_hot(2, np.full(3, 1.5), np.full(3, 3.0)), [3.0, 3.0, 1.5])
+    np.testing.assert_array_equal(one_hot(0, np.array([0.2, -1.0]), np.array([0.8, 1.0])), [0.8, 0.0])
+    # bounds differing per coordinate: each one-hot differs from the others in its own coordinate
+    lower, upper = np.array([2.0, 5.0, -3.0]), np.array([3.0, 6.0, -1.0])
+    assert [one_hot(i, lower, upper).tolist() for i in range(3)] == [[2, 6, -3], [3, 5, -3], [3, 6, -1]]
+    opt = MAP(box(3, low=-1.0, high=-0.2), FAST, seed=0)
+    design = opt.ask()
+    assert len(design) == 20 and len({x.tobytes() for x in design}) == 20
+    assert [x.tolist() for x in design[:3]] == [[-0.2, -1, -1], [-1, -0.2, -1], [-1, -1, -0.2]]
+
+
 def test_spread_order_starts_with_the_extremes_and_fills_the_largest_gaps() -> None:
     G = np.array([[0.0, 1.0], [0.1, 0.9], [0.5, 0.5], [0.9, 0.1], [1.0, 0.0], [0.55, 0.45]])
     order = spread_order(G, ["maximize", "maximize"])
@@ -140,34 +208,61 @@ def test_hypervolume_order_picks_the_largest_predicted_gains_over_what_was_evalu
 # --------------------------------------------------------------------------------------------- state
 
 
-def step(opt: Optimizer, k: int) -> list[np.ndarray]:
+def accuracies(x: np.ndarray, n_obj: int) -> list[float]:
+    """n_obj sigmoid accuracies of any number of coefficients, pulling against each other."""
+    z = np.resize(x, 3)
+    return [sigmoid(3 * z[j % 3] - 2 * z[(j + 1) % 3] * z[(j + 2) % 3] - z[(j + 2) % 3] ** 2 + 0.5 - 0.3 * j)
+            for j in range(n_obj)]
+
+
+def losses(x: np.ndarray, n_obj: int) -> list[float]:
+    """n_obj positive losses (softplus-link data) with different minima."""
+    return [float(np.log1p(np.exp(3 * np.sum((x - 0.2 * (j + 1)) ** 2) - 1))) for j in range(n_obj)]
+
+
+def step(opt: Optimizer, k: int, f: Callable[[np.ndarray, int], list[float]]) -> list[np.ndarray]:
     """One round with the awkward cases: varying batches, a crashed genome, a failure, shuffled tells."""
+    n_obj = opt.problem.n_obj
     X = opt.ask((3, 5, 2, 4)[k % 4])
     told = list(X)
     if k % 4 == 1:
         told = told[:-1]  # crashed: never told
-    values = [two_sigmoids(np.resize(x, 3)) for x in told]
-    if k % 4 == 2:
-        values[0] = [float("nan")] * 2
+    values = [f(x, n_obj) for x in told]
+    if k % 4 == 2 and values:
+        values[0] = [float("nan")] * n_obj
     if k % 4 == 3:
         told, values = told[::-1], values[::-1]
     opt.tell(told, values)
     return X
 
 
-@pytest.mark.parametrize("options", [{}, {"bayesian": True, "rounds": 1, "points_per_round": 4},
-                                     {"nested": True, "front_size": 3}], ids=["map", "bayesian", "nested"])
-def test_state_round_trip_mid_phase_continues_exactly(options: dict[str, Any]) -> None:
+MAXIMIZE = "maximize"
+ROUND_TRIPS = {  # problem, options, objective function
+    "map": (box(2), {}, accuracies),
+    "bayesian": (box(2), {"bayesian": True, "rounds": 1, "points_per_round": 4}, accuracies),
+    "nested": (box(2), {"nested": True, "front_size": 3}, accuracies),
+    "losses-softplus": (box(2, ("minimize", "minimize")), {"front_rounds": 2, "front_size": 3}, losses),
+    "negative-bounds": (box(3, low=-1.0, high=-0.2), {"front_size": 4}, accuracies),
+    "one-objective": (box(2, (MAXIMIZE,)), {"front_size": 3}, accuracies),
+    "three-objectives": (box(2, (MAXIMIZE,) * 3), {"bayesian": True, "rounds": 1, "front_size": 4}, accuracies),
+    "four-objectives": (box(3, (MAXIMIZE,) * 4), {"front_size": 4}, accuracies),
+    "nested-3": (box(3, (MAXIMIZE,) * 3), {"nested": True, "front_size": 2}, accuracies),
+    "budget-below-design": (box(3, budget=14), {}, accuracies),
+}
+
+
+@pytest.mark.parametrize("case", list(ROUND_TRIPS))
+def test_state_round_trip_mid_phase_continues_exactly(case: str) -> None:
+    problem, options, f = ROUND_TRIPS[case]
     options = {**FAST, **options}
-    problem = box(2, budget=10_000)
     original = MAP(problem, options, seed=5)
     shadows: list[Optimizer] = []
     phases = set()
     k = 0
     while not original.done:
-        X = step(original, k)
+        X = step(original, k, f)
         for shadow in shadows:
-            Y = step(shadow, k)
+            Y = step(shadow, k, f)
             assert len(X) == len(Y) and all(np.array_equal(x, y) for x, y in zip(X, Y)), f"round {k}"
         phases.add(original.phase)
         if k % 2 == 0:
@@ -180,6 +275,13 @@ def test_state_round_trip_mid_phase_continues_exactly(options: dict[str, Any]) -
         assert shadow.done and shadow.num_told == original.num_told and shadow.num_failed == original.num_failed
         assert shadow.report() == original.report()
         assert np.array_equal(shadow.front().values, original.front().values)
+    report = original.report()
+    if case == "losses-softplus":
+        assert report["links"] == ["softplus", "softplus"] and len(report["predicted_fronts"]) == 2
+    if case == "budget-below-design":
+        assert (original.plan.design, original.plan.front) == (12, 2) and original.num_told >= 14
+    if case == "nested-3":
+        assert len(report["merges"]) == 2 and report["clusters"][0]["experts"] == [0, 1, 2]
 
 
 # ---------------------------------------------------------------------------------------- Bayesian MAP
@@ -247,18 +349,30 @@ def experts_problem(n: int) -> tuple[Problem, Callable[[np.ndarray], list[float]
     return box(n, tuple(["maximize"] * n)), f
 
 
-@pytest.mark.parametrize("n", [4, 8])
-def test_nested_map_merges_pairs_in_n_log_n_evaluations(n: int) -> None:
+@pytest.mark.parametrize("n,front_size", [(3, 2), (4, 4), (5, 3), (8, 4)])
+def test_nested_map_merges_the_closest_clusters_in_n_minus_one_pairs_of_fixed_cost(n: int, front_size: int) -> None:
     problem, f = experts_problem(n)
-    opt = MAP(problem, {**FAST, "nested": True, "front_size": 4}, seed=0)
+    opt = MAP(problem, {**FAST, "nested": True, "front_size": front_size}, seed=0)
     X, F = drive(opt, f)
-    per_pair = 12 - 2 + 4  # the design minus the two known one-hot points, plus the front
-    assert len(X) == n + (n - 1) * per_pair <= per_pair * n * math.log2(n)
+    # the n experts alone, then n − 1 pairs of 12 design points (2 of them the known clusters) + the front
+    assert (opt.plan.design, opt.plan.front) == (12, front_size)
+    assert len(X) == n + (n - 1) * (12 - 2 + front_size) == opt.num_told
     assert opt.stop_reason == "finished: nested merge of every expert"
     report = json.loads(json.dumps(opt.report(), allow_nan=False))
     merges = report["merges"]
     assert len(merges) == n - 1 and report["clusters"][0]["experts"] == list(range(n))
     assert merges[0]["experts"] == [[0], [1]]  # the closest single-task scores pair first
+    # replay the clustering: every merge joins the two clusters whose scores are closest (ties: the earliest pair)
+    clusters = [([i], f(one_hot(i, problem.lower, problem.upper))[i]) for i in range(n)]
+    for merge in merges:
+        gaps = {(a, b): abs(clusters[a][1] - clusters[b][1]) for a in range(len(clusters))
+                for b in range(a + 1, len(clusters))}
+        a, b = min(gaps, key=lambda pair: (gaps[pair], pair))
+        assert merge["experts"] == [clusters[a][0], clusters[b][0]]
+        members = clusters[a][0] + clusters[b][0]
+        assert merge["score"] == pytest.approx(np.mean(np.array(merge["values"])[members]))
+        assert merge["values"] == pytest.approx(f(np.array(merge["coefficients"])))
+        clusters = [c for k, c in enumerate(clusters) if k not in (a, b)] + [(sorted(members), merge["score"])]
     for merge in merges:  # each merge is a coefficient vector over exactly its experts
         members = set(merge["experts"][0] + merge["experts"][1])
         support = {i for i, c in enumerate(merge["coefficients"]) if c != 0}
@@ -280,6 +394,13 @@ def test_option_mistakes_are_user_errors() -> None:
         MAP(box(2), {"nested": True, "preference": [1.0]})
     with pytest.raises(UserError, match="include 0"):
         MAP(box(2, low=0.2), {"nested": True})
+    # a design too small for the quadratic is refused, not silently enlarged
+    with pytest.raises(UserError, match="give at least 11") as info:
+        MAP(box(3), {"initial_points": 10})
+    assert info.value.where == "algorithm.options.initial_points"
+    with pytest.raises(UserError, match="each nested pair.*give at least 7"):
+        MAP(box(3, ("maximize",) * 3), {"nested": True, "initial_points": 6})
+    assert MAP(box(3), {"initial_points": 11}).plan.design == 11
     with pytest.raises(UserError, match="needs at least 8 evaluations") as info:
         MAP(box(2, budget=5), {})
     assert info.value.where == "budget.evaluations"

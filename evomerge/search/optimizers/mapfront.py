@@ -4,7 +4,8 @@ Model Merging with Amortized Pareto Fronts via Quadratic Approximation", arXiv 2
 Over the ``coefficients`` space (one task-arithmetic coefficient c_m per expert, θ = θ_base + Σ c_m τ_m):
 
 1. **design** — evaluate (N+1)(N+2) coefficient vectors: the N one-hot vectors (each expert alone, c = 1 clipped
-   into the bounds) and a seeded space-filling set (scrambled Sobol', or Latin hypercube);
+   into the bounds, the others 0 clipped — or, where that would repeat coordinate i's value because the bounds
+   exclude 0, the far bound: :func:`one_hot`) and a seeded space-filling set (scrambled Sobol', or Latin hypercube);
 2. **fit** — one surrogate per objective, M̃(c) = link(cᵀAc + bᵀc + e) (:mod:`evomerge.search.surrogates`),
    sigmoid link for accuracies, softplus for losses, identity otherwise; failed (NaN) evaluations are dropped;
    R² per objective from k-fold cross-validation on the evaluated points;
@@ -14,14 +15,26 @@ Over the ``coefficients`` space (one task-arithmetic coefficient c_m per expert,
    evaluates its predicted front without saying which points), or spread evenly over it (``spread``: the extremes,
    then greedy max-min distance in objective space); both fronts and the predicted-vs-evaluated error are
    reported. ``front_rounds`` > 1 repeats fit → NSGA-III → front on every point so far (an extension; 1 = the
-   paper), never re-asking a point.
+   paper), never re-asking a point. Each front point keeps the prediction of the surrogates that proposed it (made
+   before it was evaluated), and ``front_r2``/``front_mae`` compare those — held-out errors, even though later
+   rounds refit on earlier front points; every round's predicted front is reported (``predicted_fronts``).
 
-``bayesian: true`` (the paper's Bayesian MAP, as the authors' code does it) inserts ``rounds`` rounds between fit
+``bayesian: true`` (the paper's Bayesian MAP, after the authors' code) inserts ``rounds`` rounds between fit
 and NSGA-III: the design points are binned by the angles of their hyperspherical coordinates (in the unit box of
 the search bounds), each bin scored by the mean out-of-fold absolute surrogate error (objectives scaled by their
 observed range), and ``points_per_round`` new points are drawn multinomially with probabilities softmax(score /
-max score / temperature), each uniform in its bin's angles and at a radius spread over the box; then refit. One
-deviation from the authors' code: a bin holding no point scores like the worst bin (their code never samples it).
+max score / temperature), each uniform in its bin's angles and at a radius spread over the box; then refit.
+Deviations from the authors' code, all deliberate and untested against it:
+
+- *error*: they score a bin by mean + ½·std of the squared *in-sample* error of its points; we use the mean
+  absolute *out-of-fold* error (in-sample residuals of a quadratic fitted to about twice as many points as it
+  has parameters understate its error where points are few);
+- *temperature*: theirs is 0.07, our default 0.25 (with relative scores in [0, 1], 0.07 concentrates the points
+  in the few worst bins; set ``temperature: 0.07`` for theirs);
+- *radius*: they draw it uniform in [min, max] of the points' radii, clipped at 1.5; we draw r = t·v^(1/k) up to
+  t, where the ray leaves the unit box (:func:`sample_in_bins`) — neither is uniform in volume, since the angles
+  are drawn uniformly;
+- *empty bins*: a bin holding no point scores like the worst bin (their code never samples it).
 
 ``nested: true`` (the paper's Nested MAP, for many experts; needs one objective per expert, objective i ↔ expert i):
 first each expert alone is evaluated; then, repeatedly, the two clusters whose scores are closest are merged by a
@@ -33,8 +46,9 @@ user gets). N − 1 pair merges of constant cost: O(N) evaluations, within the p
 
 Every phase is a :class:`~evomerge.search.optimizers.base.Generation`: ``ask`` hands its points out, extra asks
 (a crashed batch) get fresh space-filling points (design, Bayesian rounds) or further predicted-front points
-(front phase), and a phase closes when as many results as it had points are in. Every result for a point of the
-current sub-problem feeds its fits, late ones included. ``done`` once the budget is spent or the phases end
+(front phase; once those run out, space-filling points tagged ``fill``: fitted on, but neither reported as front
+points nor counted in ``front_r2``), and a phase closes when as many results as it had points are in. Every result
+for a point of the current sub-problem feeds its fits, late ones included. ``done`` once the budget is spent or the phases end
 (``stop_reason``). The phase sizes are fitted to the budget when it is smaller than the plan.
 
 State: strict JSON — arrays as base64, the Bayesian generator's state, the current fit and fronts; the space-filling
@@ -65,7 +79,8 @@ Phase = Literal["singles", "design", "bayesian", "front", "finished"]
 
 class MAPOptions(OptimizerOptions):
     initial_points: int | None = Field(default=None, ge=2, description="Design size per (sub-)problem of k "
-                                       "coefficients, one-hot vectors included; None = (k+1)(k+2), the paper's.")
+                                       "coefficients, one-hot vectors included; at least (k+1)(k+2)/2 + 1 (the "
+                                       "quadratic's parameters + 1); None = (k+1)(k+2), the paper's.")
     design: Literal["sobol", "lhs"] = Field(default="sobol", description="Space-filling design beside the one-hot "
                                             "vectors: scrambled Sobol' or Latin hypercube (scipy.stats.qmc, seeded).")
     front_size: int = Field(default=16, ge=1, description="Points of the predicted front evaluated for real (per "
@@ -91,7 +106,7 @@ class MAPOptions(OptimizerOptions):
     bins: int | None = Field(default=None, ge=1, description="Bins per hyperspherical angle; None = 4 below 4 "
                              "coefficients, else 2 (the authors' code).")
     temperature: float = Field(default=0.25, gt=0, description="Softmax temperature over the bins' relative "
-                               "errors (score / max score).")
+                               "errors (score / max score); the authors' code uses 0.07.")
     nested: bool = Field(default=False, description="Nested MAP: merge experts pairwise (objective i ↔ expert i).")
     preference: list[float] | None = Field(default=None, description="Nested MAP: one positive weight per "
                                            "objective for choosing each pair's merge; None = equal.")
@@ -174,7 +189,10 @@ def bin_probabilities(scores: np.ndarray, temperature: float) -> np.ndarray:
 
 def sample_in_bins(counts: np.ndarray, bins: int, dim: int, rng: np.random.Generator) -> np.ndarray:
     """``counts[b]`` points of the unit box per angular bin b: angles uniform in the bin, radius r = t·v^(1/dim)
-    with v ~ U(0, 1) and t where the ray leaves the box (uniform over the bin's part of the box, in volume)."""
+    with v ~ U(0, 1) and t where the ray leaves the box. Along each ray the radius has the density of a uniform
+    point of a thin cone, but the whole is *not* uniform in volume: uniform angles over-weight the directions near
+    the axes (in ≥ 3 dimensions) and short rays. (The authors' code draws r uniform in the points' radius range,
+    clipped at 1.5; see the module docstring.)"""
     n_angles = max(dim - 1, 0)
     width = (np.pi / 2) / bins
     out = []
@@ -193,6 +211,19 @@ def sample_in_bins(counts: np.ndarray, bins: int, dim: int, rng: np.random.Gener
         radius = reach * rng.random(int(count)) ** (1.0 / dim)
         out.append(np.clip(direction * radius[:, None], 0.0, 1.0))
     return np.vstack(out) if out else np.empty((0, dim))
+
+
+def one_hot(i: int, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """Expert i alone: coefficient 1 for it, 0 for the others, each clipped into its bounds. Where a coordinate's
+    bounds exclude both 0 and 1 on the same side (e.g. [−1, −0.2]: 0 and 1 both clip to −0.2), "0" would equal
+    that coordinate's own "1" and the N points would collapse; there "0" is the bound farthest from its "1"
+    instead, so expert j's one-hot differs from every other one in coordinate j (lower < upper everywhere)."""
+    lower, upper = np.asarray(lower, dtype=np.float64), np.asarray(upper, dtype=np.float64)
+    one, zero = np.clip(1.0, lower, upper), np.clip(0.0, lower, upper)
+    far = np.where(np.abs(lower - one) >= np.abs(upper - one), lower, upper)
+    x = np.where(zero == one, far, zero)
+    x[i] = one[i]
+    return x
 
 
 def spread_order(G: np.ndarray, directions: Sequence[str]) -> list[int]:
@@ -301,6 +332,18 @@ def surrogate_front(models: Sequence[QuadraticSurrogate], directions: Sequence[s
 
 
 @dataclass
+class Handout:
+    """A point handed out: its local coefficients, the phase that asked it ("design", "bayesian", "front", or
+    "fill" for a space-filling point asked once the predicted front ran out), and for a front point the values
+    predicted by the surrogates that proposed it and their front round (0-based; −1 otherwise)."""
+
+    s: np.ndarray
+    phase: str
+    predicted: np.ndarray | None = None
+    round: int = -1
+
+
+@dataclass
 class SubProblem:
     """A MAP run over local coefficients s ∈ [lower, upper] (k of them): genome = clip(basis · s) and objectives
     G = F · weights (m of them, in ``directions``). The flat MAP is the identity (basis and weights None); a nested
@@ -321,12 +364,15 @@ class SubProblem:
     S: list[np.ndarray] = field(default_factory=list)  # every result of this sub-problem: local point …
     F: list[np.ndarray] = field(default_factory=list)  # … and the genome's objective values
     phase_of: list[str] = field(default_factory=list)  # … and the phase it was asked in
-    handed: dict[bytes, tuple[np.ndarray, str]] = field(default_factory=dict)  # genome key → (local point, phase)
+    P: list[np.ndarray] = field(default_factory=list)  # … and its prediction when asked (front points; else NaN)
+    round_of: list[int] = field(default_factory=list)  # … and the front round that asked it (else −1)
+    handed: dict[bytes, Handout] = field(default_factory=dict)  # genome key → what was handed out
     surrogates: list[QuadraticSurrogate] | None = None
     r2: list[float | None] | None = None
     oof: np.ndarray | None = None  # out-of-fold predictions of the last fit, one row per point in S
     predicted_S: np.ndarray | None = None
     predicted_G: np.ndarray | None = None
+    fronts: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # every round's predicted front
     order: list[int] = field(default_factory=list)  # predicted-front rows in thinning order
     front_next: int = 0
 
@@ -349,6 +395,18 @@ class SubProblem:
     def local(self, U: np.ndarray) -> np.ndarray:
         return np.clip(self.lower + np.atleast_2d(U) * (self.upper - self.lower), self.lower, self.upper)
 
+    @property
+    def m(self) -> int:
+        return len(self.directions)
+
+    def add(self, F: np.ndarray, handout: Handout) -> None:
+        """Record one result of a handed-out point."""
+        self.S.append(handout.s.copy())
+        self.F.append(np.asarray(F, dtype=np.float64).copy())
+        self.phase_of.append(handout.phase)
+        self.P.append(np.full(self.m, np.nan) if handout.predicted is None else handout.predicted.copy())
+        self.round_of.append(handout.round)
+
     def data(self, phases: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Local points and combined objective values told so far (optionally only those asked in ``phases``)."""
         rows = [i for i, p in enumerate(self.phase_of) if phases is None or p in phases]
@@ -369,8 +427,14 @@ class SubProblem:
             "S": encode_array(np.array(self.S).reshape(len(self.S), self.k)),
             "F": encode_array(np.array(self.F).reshape(len(self.F), -1) if self.F else np.empty((0, 0))),
             "phase_of": self.phase_of,
-            "handed": {"S": encode_array(np.array([s for s, _ in self.handed.values()]).reshape(-1, self.k)),
-                       "phases": [p for _, p in self.handed.values()]},
+            "P": encode_array(np.array(self.P).reshape(len(self.P), self.m)), "round_of": self.round_of,
+            "handed": {"S": encode_array(np.array([h.s for h in self.handed.values()]).reshape(-1, self.k)),
+                       "phases": [h.phase for h in self.handed.values()],
+                       "predicted": encode_array(np.array([np.full(self.m, np.nan) if h.predicted is None
+                                                           else h.predicted for h in self.handed.values()])
+                                                 .reshape(-1, self.m)),
+                       "rounds": [h.round for h in self.handed.values()]},
+            "fronts": [{"S": encode_array(S), "G": encode_array(G)} for S, G in self.fronts],
             "surrogates": None if self.surrogates is None else
             [{"weights": encode_array(m.weights), "link": m.link} for m in self.surrogates],
             "r2": self.r2, "oof": arr(self.oof), "predicted_S": arr(self.predicted_S),
@@ -390,8 +454,14 @@ class SubProblem:
         sub.S = [row.copy() for row in decode_array(state["S"])]
         sub.F = [row.copy() for row in decode_array(state["F"])]
         sub.phase_of = list(state["phase_of"])
-        for s, p in zip(decode_array(state["handed"]["S"]), state["handed"]["phases"]):
-            sub.handed[genome_key(sub.genome(s, problem))] = (s.copy(), p)
+        sub.P = [row.copy() for row in decode_array(state["P"])]
+        sub.round_of = [int(r) for r in state["round_of"]]
+        handed = state["handed"]
+        for s, p, g, r in zip(decode_array(handed["S"]), handed["phases"], decode_array(handed["predicted"]),
+                              handed["rounds"]):
+            sub.handed[genome_key(sub.genome(s, problem))] = Handout(
+                s.copy(), p, g.copy() if np.all(np.isfinite(g)) else None, int(r))
+        sub.fronts = [(decode_array(f["S"]), decode_array(f["G"])) for f in state["fronts"]]
         if state["surrogates"] is not None:
             sub.surrogates = [QuadraticSurrogate(decode_array(m["weights"]), m["link"], sub.k)
                               for m in state["surrogates"]]
@@ -491,7 +561,12 @@ class MAP(Optimizer):
         k = 2 if opts.nested else self.problem.dim
         minimum = n_quadratic_terms(k) + 1
         per_round = opts.points_per_round or n_quadratic_terms(k)
-        sizes = {"design": max(opts.initial_points or (k + 1) * (k + 2), minimum), "front": opts.front_size,
+        if opts.initial_points is not None and opts.initial_points < minimum:
+            raise UserError(f"initial_points {opts.initial_points} is too few to fit a quadratic in {k} coefficients"
+                            f"{' (each nested pair)' if opts.nested else ''}: give at least {minimum} (its "
+                            f"{minimum - 1} parameters + 1), or leave it out for the paper's {(k + 1) * (k + 2)}",
+                            where="algorithm.options.initial_points")
+        sizes = {"design": opts.initial_points or (k + 1) * (k + 2), "front": opts.front_size,
                  "front_rounds": opts.front_rounds, "rounds": opts.rounds if opts.bayesian else 0}
         # nested: the singles, then N − 1 pairs whose two one-hot points are already known
         fixed, times, known = (self.problem.dim, self.problem.dim - 1, 2) if opts.nested else (0, 1, 0)
@@ -525,12 +600,24 @@ class MAP(Optimizer):
         assert sub is not None
         phase = self.phase
         local = gen.take(count, self._more_front if phase == "front" else self._more_space_filling)
+        proposed = self._proposed() if phase == "front" else {}
         out = []
         for s in local:
             x = sub.genome(s, self.problem)
-            sub.handed.setdefault(genome_key(x), (s.copy(), phase))
+            key = genome_key(x)
+            if key not in sub.handed:
+                row = proposed.get(key)
+                sub.handed[key] = (Handout(s.copy(), phase) if phase != "front" else
+                                   Handout(s.copy(), "fill") if row is None else
+                                   Handout(s.copy(), "front", sub.predicted_G[row].copy(), sub.fronts_done))
             out.append(x)
         return out
+
+    def _proposed(self) -> dict[bytes, int]:
+        """Genome key → predicted-front row, for the rows of this front round handed out so far."""
+        sub = self.sub
+        assert sub is not None and sub.predicted_S is not None
+        return {genome_key(sub.genome(sub.predicted_S[r], self.problem)): r for r in sub.order[:sub.front_next]}
 
     def _retry_singles(self, count: int) -> list[np.ndarray]:
         gen = self.generation
@@ -570,9 +657,7 @@ class MAP(Optimizer):
             assert sub is not None
             entry = sub.handed.get(genome_key(x))
             if entry is not None:
-                sub.S.append(entry[0].copy())
-                sub.F.append(f.copy())
-                sub.phase_of.append(entry[1])
+                sub.add(f, entry)
                 self.generation.record(x, f, view=lambda s: sub.genome(s, self.problem))
         self._advance()
 
@@ -588,10 +673,7 @@ class MAP(Optimizer):
     # -- phases -----------------------------------------------------------------------------------------------
 
     def _one_hot(self, i: int) -> np.ndarray:
-        """Expert i alone: coefficient 1 for it, 0 for the others (both clipped into the bounds)."""
-        x = np.clip(np.zeros(self.problem.dim), self.problem.lower, self.problem.upper)
-        x[i] = min(max(1.0, self.problem.lower[i]), self.problem.upper[i])
-        return x
+        return one_hot(i, self.problem.lower, self.problem.upper)
 
     def _start(self, sub: SubProblem) -> None:
         """Open a sub-problem with its design: local one-hot vectors already evaluated are reused, the rest asked
@@ -601,15 +683,12 @@ class MAP(Optimizer):
         known = self._known()
         members: list[np.ndarray] = []
         for i in range(sub.k):
-            s = np.clip(np.zeros(sub.k), sub.lower, sub.upper)
-            s[i] = min(max(1.0, sub.lower[i]), sub.upper[i])
+            s = one_hot(i, sub.lower, sub.upper)
             x = sub.genome(s, self.problem)
             key = genome_key(x)
+            sub.handed[key] = Handout(s.copy(), "design")
             if key in known:
-                sub.S.append(s)
-                sub.F.append(known[key].copy())
-                sub.phase_of.append("design")
-                sub.handed.setdefault(key, (s.copy(), "design"))
+                sub.add(known[key], sub.handed[key])
             else:
                 members.append(s)
         fresh = self.plan.design - len(sub.S) - len(members) if sub.basis is None else self.plan.design - 2
@@ -720,6 +799,7 @@ class MAP(Optimizer):
         sub.predicted_S, sub.predicted_G = surrogate_front(
             sub.surrogates, sub.directions, sub.lower, sub.upper, pop_size=self.options.pop_size,
             generations=self.options.generations, seed=sub.seed + 17 + sub.rounds_done + 101 * sub.fronts_done)
+        sub.fronts.append((sub.predicted_S.copy(), sub.predicted_G.copy()))
         fresh = [i for i in range(len(sub.predicted_S))
                  if genome_key(sub.genome(sub.predicted_S[i], self.problem)) not in sub.handed]
         G = sub.predicted_G[fresh]
@@ -810,15 +890,19 @@ class MAP(Optimizer):
             out["experts"] = sub.experts
         if sub.surrogates is not None:
             out["surrogates"] = [_json(m.to_dict()) for m in sub.surrogates]
-        if sub.predicted_S is not None and sub.predicted_G is not None:
-            out["predicted_front"] = {
-                "coefficients": _json(np.array([sub.genome(s, self.problem) for s in sub.predicted_S])),
-                "values": _json(sub.predicted_G)}
+        fronts = [{"round": r, "coefficients": _json(np.array([sub.genome(s, self.problem) for s in S]).reshape(
+                   len(S), self.problem.dim)), "values": _json(G)} for r, (S, G) in enumerate(sub.fronts)]
+        if fronts:
+            out["predicted_front"] = {k: fronts[-1][k] for k in ("coefficients", "values")}
+            out["predicted_fronts"] = fronts
+        rows = [i for i, p in enumerate(sub.phase_of) if p == "front"]
         S, G = sub.data(["front"])
-        if len(S) and sub.surrogates is not None:
-            predicted = np.column_stack([m.predict(S) for m in sub.surrogates])
+        if rows:
+            # each point's prediction by the surrogates that proposed it: held out, whatever later rounds refit
+            predicted = np.array([sub.P[i] for i in rows])
             out["evaluated_front"] = {"coefficients": _json(np.array([sub.genome(s, self.problem) for s in S])),
-                                      "values": _json(G), "predicted": _json(predicted)}
+                                      "values": _json(G), "predicted": _json(predicted),
+                                      "round": [sub.round_of[i] for i in rows]}
             out["front_r2"] = _json([r_squared(G[:, j], predicted[:, j]) for j in range(G.shape[1])])
             out["front_mae"] = _json([float(np.nanmean(np.abs(G[:, j] - predicted[:, j])))
                                       if np.isfinite(G[:, j]).any() else None for j in range(G.shape[1])])
