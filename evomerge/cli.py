@@ -5,17 +5,19 @@ User mistakes exit with code 2 and one line on stderr naming the file or field a
 
 from __future__ import annotations
 
+import json
 import re
-import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
 from evomerge.errors import UserError
 
@@ -26,8 +28,24 @@ if TYPE_CHECKING:  # torch and the merge engine are imported when a command need
 
 app = typer.Typer(name="evomerge", help="Search for the best way to merge fine-tuned models.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-recipe_app = typer.Typer(help="Check and convert merge recipes (our JSON or mergekit YAML).", no_args_is_help=True)
+
+
+class _RecipeGroup(TyperGroup):
+    """``evomerge recipe 7 --candidate best`` means ``evomerge recipe export 7 --candidate best``: a first argument
+    that is not a subcommand name (``validate``, ``convert``, ``export``) goes to ``export``."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None,
+                                                                          list[str]]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            return "export", self.commands["export"], args
+        return super().resolve_command(ctx, args)
+
+
+recipe_app = typer.Typer(cls=_RecipeGroup, no_args_is_help=True,
+                         help="Export a search's recipes (`evomerge recipe ID`), check and convert recipe files.")
 app.add_typer(recipe_app, name="recipe")
+db_app = typer.Typer(help="The search database.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 testbed_app = typer.Typer(help="Offline test beds: real models and task files built locally, no downloads.",
                           no_args_is_help=True)
 app.add_typer(testbed_app, name="testbed")
@@ -136,46 +154,6 @@ def recipe_convert(
     console.print(f"wrote {escape(str(output))}", highlight=False)
 
 
-@app.command()
-def demo(
-    out: Path = typer.Option(Path(".evomerge/demo"), help="Working folder for the demo's models and output."),
-    experts: int = typer.Option(3, min=2, max=8, help="Number of experts to build."),
-) -> None:
-    """Build a small model family offline and materialize a TIES merge of it (the search runner comes next)."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from evomerge.merging import ModelEntry, Recipe, load_merged
-    from evomerge.merging import materialize as write
-    from evomerge.testbeds.synthetic import build_family
-
-    _quiet_transformers()
-    out = out.absolute()  # the recipe saved beside the merged model must not depend on where this ran
-    with _progress() as progress:
-        task = progress.add_task("building a base and experts", total=None)
-        family = build_family(out / "models", "llama", n_experts=experts, seed=0)
-        progress.update(task, total=1, completed=1)
-    names = list(family.experts)
-    recipe = Recipe(
-        merge_method="ties", base_model="base",
-        models=[ModelEntry(model=n, parameters={"weight": [0.3, 0.7], "density": 0.5}) for n in names],
-        parameters={"normalize": True},
-        sources={"base": str(family.base), **{n: str(p) for n, p in family.experts.items()}},
-    )
-    target = out / "merged"
-    shutil.rmtree(target, ignore_errors=True)
-    write(recipe, target)
-    model = load_merged(target)
-    tokens = AutoTokenizer.from_pretrained(target, local_files_only=True)("hello", return_tensors="pt")
-    with torch.no_grad():
-        logits = model(**tokens).logits
-    console.print(f"merged {len(names)} experts into {escape(str(target))} "
-                  f"({sum(p.numel() for p in model.parameters()):,} parameters); a forward pass gives logits of "
-                  f"shape {tuple(logits.shape)}", highlight=False)
-    console.print(f"mergekit recipe: {escape(str(target / 'mergekit_config.yml'))}", highlight=False)
-    console.out(recipe.to_mergekit_yaml(), highlight=False, end="")
-
-
 @testbed_app.command("build")
 def testbed_build(
     name: str = typer.Argument(..., metavar="NAME", help="digits (the M2N2 setting) or tinylm (a tiny causal LM)."),
@@ -193,6 +171,534 @@ def testbed_build(
         out = build(name, out_dir, seed=seed, size=size,
                     progress=lambda message: progress.update(task, description=f"{name}: {message}"))
     console.print(f"{name} test bed ready in {escape(str(Path(out).resolve()))}", highlight=False)
+
+
+# ------------------------------------------------------------------------------------------------- searches
+
+_DB = typer.Option(None, "--db", metavar="URL", envvar="EVOMERGE_DATABASE_URL", show_envvar=False,
+                   help="Database URL (default: EVOMERGE_DATABASE_URL, else SQLite in the data folder).")
+_EXECUTOR = typer.Option("ray", "--executor", help="ray (a local Ray, or --ray-address) or inline (this process).")
+_RAY = typer.Option(None, "--ray-address", metavar="A", envvar="EVOMERGE_RAY_ADDRESS", show_envvar=False,
+                    help="Join this Ray cluster (default: EVOMERGE_RAY_ADDRESS, else start a local one).")
+_JSON = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables.")
+_BEDS = ("digits", "tinylm")
+
+
+def _store(db: str | None) -> Any:
+    from evomerge.storage import Store
+
+    return Store(db)
+
+
+def _executor_kind(kind: str) -> str:
+    kind = kind.lower()
+    if kind not in ("ray", "inline"):
+        raise UserError(f"unknown executor {kind!r}; use ray or inline", where="--executor")
+    return kind
+
+
+def _make_executor(spec: Any, kind: str, ray_address: str | None) -> Any:
+    from evomerge.storage import data_dir
+    from evomerge.workers import make_executor
+
+    return make_executor(spec, kind=_executor_kind(kind), ray_address=ray_address,
+                         log_dir=data_dir() / "ray" if ray_address is None else None)
+
+
+def _check_beds(spec: Any) -> None:
+    """A spec pointing into a test bed that was not built yet: one line saying how to build it."""
+    base = Path(spec.models.base)
+    if base.exists():
+        return
+    for parent in base.parents:
+        if parent.parent.name == "testbeds" and parent.name in _BEDS:
+            raise UserError(f"{base} does not exist: build the {parent.name} test bed first with `evomerge testbed "
+                            f"build {parent.name} {parent}`", where="models.base")
+
+
+class _RunDisplay:
+    """The progress bar of a running search (stderr, terminals only): evaluations, best so far, front size,
+    candidates per minute, ETA."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err, transient=False,
+                            disable=not err.is_terminal)
+        self.task: Any = None
+
+    def __enter__(self) -> "_RunDisplay":
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+    def __call__(self, p: Any) -> None:
+        if self.task is None:
+            self.task = self.bar.add_task(f"search {p.search_id}", total=p.budget, info="")
+        parts = []
+        if p.best_values is not None:
+            parts.append(f"best {p.best_score:.4g}")
+            if err.width >= 120:  # per-objective values only where they fit on one line
+                parts[-1] += " (" + ", ".join(f"{n} {p.best_values.get(n, float('nan')):.4g}" for n in self.names) + ")"
+        parts.append(f"front {p.front_size}")
+        parts.append(f"{p.per_minute:.0f}/min")
+        if p.eta_s is not None:
+            parts.append(f"ETA {_duration(p.eta_s)}")
+        if p.stages > 1:
+            parts.append(f"stage {p.stage}/{p.stages}")
+        self.bar.update(self.task, completed=p.evaluated, info=escape(" · ".join(parts)))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _drive(store: Any, search_id: int, spec: Any, executor: Any, *, prepared: Any = None,
+           references: bool = False) -> Any:
+    """Run or resume a search in this process with a progress bar; returns the runner's result. A runner that
+    cannot resume exactly (or breaks otherwise) has marked the row failed: one line, exit code 1."""
+    from evomerge.service.runner import ResumeError, run_search, score_references
+
+    if references:
+        score_references(store, search_id, executor=executor, spec=spec)
+    try:
+        with _RunDisplay(spec.objective_names) as display:
+            return run_search(store, search_id, executor=executor, progress=display, prepared=prepared)
+    except ResumeError as e:
+        err.print(f"[red]error:[/red] search {search_id}: {escape(str(e))}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+def _report(store: Any, search_id: int, as_json: bool, *, front_rows: int = 10) -> None:
+    """The end of `run`, `resume` and `status`: one JSON document, or a summary and the front as tables."""
+    from evomerge.service.results import summarize
+
+    summary = summarize(store, search_id)
+    if as_json:
+        sys.stdout.write(json.dumps(summary.to_dict(), indent=2) + "\n")
+        return
+    row = summary.row
+    counts = row.counts or {}
+    table = Table(show_header=False, box=None)
+    table.add_row("search", f"{row.id} ({escape(row.name)})")
+    table.add_row("status", row.status + (f" ({escape(row.stop_reason)})" if row.stop_reason else ""))
+    if row.error:
+        table.add_row("error", escape(row.error))
+    table.add_row("algorithm", f"{row.algorithm}, seed {row.seed}")
+    table.add_row("candidates", f"{counts.get('done', 0)} done, {counts.get('failed', 0)} failed, "
+                  f"{counts.get('pending', 0)} pending of a budget of {row.budget}")
+    if summary.best is not None:
+        table.add_row("best", f"candidate {summary.best.index}: " + _values_text(summary.best.values))
+    console.print(table)
+    if summary.front:
+        console.print(_front_table(summary, limit=front_rows))
+
+
+def _values_text(values: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+
+
+def _front_table(summary: Any, *, limit: int | None = None) -> Table:
+    names = summary.names
+    holdout = any(p.holdout for p in summary.front)
+    title = f"Pareto front ({len(summary.front)} candidate{'s' if len(summary.front) != 1 else ''})"
+    table = Table(title=title, title_justify="left")
+    table.add_column("candidate")
+    for name in names:
+        table.add_column(name, justify="right")
+        if holdout:
+            table.add_column(f"{name} (holdout)", justify="right")
+    table.add_column(f"{summary.scoring.scalarize} score", justify="right")
+    shown = summary.front if limit is None else summary.front[:limit]
+    for p in shown:
+        cells = [str(p.index) + (" (best)" if summary.best and p.index == summary.best.index else "")]
+        for name in names:
+            cells.append(f"{p.values[name]:.4f}")
+            if holdout:
+                h = (p.holdout or {}).get(name)
+                cells.append("-" if h is None else f"{h:.4f}")
+        cells.append(f"{p.score:.4f}")
+        table.add_row(*cells)
+    for ref in summary.references:
+        values = ref.get("values") or {}
+        if not values:
+            continue
+        row_values = [[values.get(n, float("nan")) for n in names]]
+        score = float(summary.scoring.scores(row_values)[0])
+        cells = [f"expert {escape(ref['name'])}"]
+        for name in names:
+            cells.append(f"{values.get(name, float('nan')):.4f}")
+            if holdout:
+                h = (ref.get("holdout") or {}).get(name)
+                cells.append("-" if h is None else f"{h:.4f}")
+        cells.append(f"{score:.4f}")
+        table.add_row(*cells, style="dim")
+    if limit is not None and len(summary.front) > limit:
+        table.caption = f"{len(summary.front) - limit} more: evomerge front {summary.search_id}"
+    return table
+
+
+@app.command()
+def run(
+    spec_file: Optional[Path] = typer.Argument(None, metavar="SPEC", help="Job spec (YAML or JSON)."),
+    db: Optional[str] = _DB,
+    executor: str = _EXECUTOR,
+    ray_address: Optional[str] = _RAY,
+    resume_id: Optional[int] = typer.Option(None, "--resume", metavar="ID",
+                                            help="Resume search ID instead of starting one (SPEC not needed)."),
+    as_json: bool = _JSON,
+) -> None:
+    """Run a search to the end in this process, with a progress bar."""
+    from evomerge.service.runner import prepare, submit
+    from evomerge.spec import JobSpec
+
+    if resume_id is not None:
+        _resume(resume_id, db, executor, ray_address, as_json)
+        return
+    if spec_file is None:
+        raise UserError("give a job spec file (evomerge run SPEC), or --resume ID", where="SPEC")
+    _executor_kind(executor)
+    spec = JobSpec.load(spec_file)
+    _check_beds(spec)
+    _quiet_transformers()
+    prepared = prepare(spec)
+    store = _store(db)
+    try:
+        with _make_executor(spec, executor, ray_address) as pool:  # started before the row exists
+            search_id = submit(store, spec, str(spec_file.absolute()), prepared=prepared)
+            if not as_json:
+                err.print(f"search {search_id} ({escape(spec.name)}): {spec.algorithm.name}, "
+                          f"{spec.budget.evaluations} evaluations", highlight=False)
+            _drive(store, search_id, spec, pool, prepared=prepared)
+        _report(store, search_id, as_json)
+    finally:
+        store.close()
+
+
+def _resume(search_id: int, db: str | None, executor: str, ray_address: str | None, as_json: bool,
+            force: bool = False) -> None:
+    from evomerge.service.results import search_row, spec_of
+    from evomerge.service.runner import live_runner
+
+    _executor_kind(executor)
+    store = _store(db)
+    try:
+        row = search_row(store, search_id)
+        if row.status == "done":
+            raise UserError(f"search {search_id} is done; there is nothing to resume", where="ID")
+        alive = None if force else live_runner(store, search_id)
+        if alive:
+            raise UserError(f"search {search_id} is running: {alive}; cancel it first (evomerge cancel "
+                            f"{search_id}) or pass --force", where="ID")
+        spec = spec_of(row)
+        _quiet_transformers()
+        if not as_json:
+            err.print(f"resuming search {search_id} ({escape(row.name)})", highlight=False)
+        with _make_executor(spec, executor, ray_address) as pool:
+            _drive(store, search_id, spec, pool)
+        _report(store, search_id, as_json)
+    finally:
+        store.close()
+
+
+@app.command()
+def resume(
+    search_id: int = typer.Argument(..., metavar="ID", help="The search to resume."),
+    db: Optional[str] = _DB,
+    executor: str = _EXECUTOR,
+    ray_address: Optional[str] = _RAY,
+    force: bool = typer.Option(False, "--force", help="Resume even when the search looks alive elsewhere."),
+    as_json: bool = _JSON,
+) -> None:
+    """Resume an interrupted or cancelled search from its last checkpoint; ends with exactly the candidates an
+    uninterrupted run has."""
+    _resume(search_id, db, executor, ray_address, as_json, force=force)
+
+
+@app.command("list")
+def list_searches(
+    db: Optional[str] = _DB,
+    status: Optional[str] = typer.Option(None, help="Only searches with this status."),
+    limit: int = typer.Option(50, min=1, help="At most this many (newest first)."),
+    as_json: bool = _JSON,
+) -> None:
+    """List the searches in the database."""
+    store = _store(db)
+    try:
+        rows = store.list_searches(status=status, limit=limit)
+        if as_json:
+            sys.stdout.write(json.dumps([{"id": r.id, "name": r.name, "status": r.status, "algorithm": r.algorithm,
+                                          "budget": r.budget, "counts": dict(r.counts or {}),
+                                          "created_at": r.created_at.isoformat() if r.created_at else None}
+                                         for r in rows], indent=2) + "\n")
+            return
+        if not rows:
+            console.print("no searches yet: evomerge demo, or evomerge run SPEC")
+            return
+        table = Table()
+        for column in ("id", "name", "status", "algorithm", "done", "failed", "pending", "budget", "created"):
+            table.add_column(column, justify="right" if column in ("id", "done", "failed", "pending", "budget")
+                             else "left")
+        for r in rows:
+            c = r.counts or {}
+            table.add_row(str(r.id), escape(r.name), r.status, r.algorithm, str(c.get("done", 0)),
+                          str(c.get("failed", 0)), str(c.get("pending", 0)), str(r.budget),
+                          r.created_at.strftime("%Y-%m-%d %H:%M") if r.created_at else "-")
+        console.print(table)
+    finally:
+        store.close()
+
+
+@app.command()
+def status(
+    search_id: int = typer.Argument(..., metavar="ID"),
+    db: Optional[str] = _DB,
+    as_json: bool = _JSON,
+) -> None:
+    """A search's status, counts, best candidate and front."""
+    store = _store(db)
+    try:
+        _report(store, search_id, as_json)
+    finally:
+        store.close()
+
+
+@app.command()
+def cancel(
+    search_id: int = typer.Argument(..., metavar="ID"),
+    db: Optional[str] = _DB,
+) -> None:
+    """Ask a running search to stop: its runner stops dispatching within seconds (resume continues it)."""
+    from evomerge.service.results import search_row
+
+    store = _store(db)
+    try:
+        row = search_row(store, search_id)
+        if row.status in ("done", "failed", "cancelled"):
+            console.print(f"search {search_id} is already {row.status}")
+            return
+        new = store.request_cancel(search_id)
+        console.print(f"search {search_id}: {new}")
+    finally:
+        store.close()
+
+
+@recipe_app.command("export")
+def recipe_export(
+    search_id: int = typer.Argument(..., metavar="ID", help="The search."),
+    candidate: str = typer.Option("best", "--candidate", metavar="CID|best", help="A candidate id, or best."),
+    fmt: str = typer.Option("mergekit", "--format", help="mergekit (YAML) or json."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write here instead of stdout."),
+    db: Optional[str] = _DB,
+) -> None:
+    """Export a candidate's recipe (default: the best) as mergekit YAML or our JSON."""
+    from evomerge.errors import RecipeError
+    from evomerge.service.results import candidate_recipe
+
+    kind = {"mergekit": "mergekit", "yaml": "mergekit", "json": "json"}.get(fmt.lower())
+    if kind is None:
+        raise UserError(f"unknown format {fmt!r}; use mergekit or json", where="--format")
+    store = _store(db)
+    try:
+        index, parsed = candidate_recipe(store, search_id, candidate)
+    finally:
+        store.close()
+    if kind == "mergekit":
+        try:
+            text = parsed.to_mergekit_yaml()
+        except RecipeError as e:
+            raise UserError(f"candidate {index}'s recipe cannot be written as mergekit YAML ({e.detail}); use "
+                            "--format json", where="--format") from None
+    else:
+        text = parsed.to_json() + "\n"
+    if output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        output.write_text(text)
+    except OSError as e:
+        raise UserError(f"cannot write {output}: {e.strerror}", where="--output") from None
+    console.print(f"wrote candidate {index}'s recipe to {escape(str(output))}", highlight=False)
+
+
+@app.command()
+def front(
+    search_id: int = typer.Argument(..., metavar="ID"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="FILE.png|FILE.csv",
+                                          help="Write the front as a CSV table or a PNG plot."),
+    db: Optional[str] = _DB,
+    as_json: bool = _JSON,
+) -> None:
+    """The Pareto front of a search: a table, a CSV file or a picture."""
+    from evomerge.service.results import summarize
+
+    store = _store(db)
+    try:
+        summary = summarize(store, search_id)
+        points = None
+        if output is not None and output.suffix.lower() == ".png":
+            points = [(r.index, r.values) for r in store.candidates(search_id, status="done")
+                      if r.reused_from is None]
+    finally:
+        store.close()
+    if as_json:
+        doc = summary.to_dict()
+        sys.stdout.write(json.dumps({"id": doc["id"], "objectives": doc["objectives"], "best": doc["best"],
+                                    "front": doc["front"], "references": doc["references"]}, indent=2) + "\n")
+        return
+    if output is None:
+        console.print(_front_table(summary))
+        return
+    suffix = output.suffix.lower()
+    if suffix == ".csv":
+        _write(output, _front_csv(summary))
+    elif suffix == ".png":
+        from evomerge.service.plots import front_png
+
+        try:
+            front_png(summary, points or [], output)
+        except OSError as e:
+            raise UserError(f"cannot write {output}: {e.strerror}", where="--output") from None
+    else:
+        raise UserError(f"{output.name}: write the front to a .csv or .png file", where="--output")
+    console.print(f"wrote {escape(str(output))} ({len(summary.front)} candidates on the front)", highlight=False)
+
+
+def _front_csv(summary: Any) -> str:
+    import csv
+    import io
+
+    names = summary.names
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["candidate", "kind", *names, *(f"{n}_holdout" for n in names), "score"])
+    for p in summary.front:
+        writer.writerow([p.index, "best" if summary.best and p.index == summary.best.index else "front",
+                         *(p.values[n] for n in names), *((p.holdout or {}).get(n, "") for n in names), p.score])
+    for ref in summary.references:
+        values, holdout = ref.get("values") or {}, ref.get("holdout") or {}
+        writer.writerow([f"expert:{ref['name']}", "reference", *(values.get(n, "") for n in names),
+                         *(holdout.get(n, "") for n in names), ""])
+    return buffer.getvalue()
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}", where="--output") from None
+
+
+@db_app.command("upgrade")
+def db_upgrade(db: Optional[str] = _DB) -> None:
+    """Create or migrate the database schema to the latest version."""
+    store = _store(db)  # opening migrates
+    try:
+        console.print(f"database ready: {escape(_safe_url(store))}", highlight=False)
+    finally:
+        store.close()
+
+
+def _safe_url(store: Any) -> str:
+    url = getattr(store, "url", None)
+    if url is None:
+        engine = getattr(store, "engine", None)
+        url = getattr(engine, "url", "") if engine is not None else ""
+    try:
+        return url.render_as_string(hide_password=True)  # type: ignore[union-attr]
+    except AttributeError:
+        return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", str(url))
+
+
+# --------------------------------------------------------------------------------------------------- demo
+
+DEMO_BUDGET = 160
+
+
+def demo_spec(bed: Path, *, algorithm: str, budget: int, workers: int) -> dict[str, Any]:
+    """The demo's job: a TIES merge of the digits experts for 0-4 and 5-9, per expert and layer, with one
+    objective per task (a front of trade-offs), holdout on the test digits."""
+    options = {"nsga2": {"pop_size": 16}, "cmaes": {"popsize": 8}}.get(algorithm, {})
+    return {
+        "name": "demo-digits", "seed": 0,
+        "models": {"base": str(bed / "base"), "experts": [{"name": "low", "path": str(bed / "expert_0_4")},
+                                                          {"name": "high", "path": str(bed / "expert_5_9")}]},
+        "space": {"kind": "parameter", "method": "ties", "layer_groups": 2,
+                  "search": {"weight": [0.0, 1.5], "density": [0.1, 1.0]}, "fixed": {"normalize": False}},
+        "objectives": [
+            {"name": f"acc_{t}", "task": {"kind": "classification", "data": str(bed / f"search_{t}.npz"),
+                                          "holdout": str(bed / f"test_{t}.npz")}, "direction": "maximize"}
+            for t in ("0_4", "5_9")],
+        "algorithm": {"name": algorithm, "options": options},
+        "budget": {"evaluations": budget, "wall_time_s": 600},
+        "resources": {"workers": workers, "cpus_per_worker": 1},
+    }
+
+
+@app.command()
+def demo(
+    algorithm: str = typer.Option("nsga2", help="The optimizer (nsga2, cmaes, optuna, random, m2n2, map)."),
+    budget: int = typer.Option(DEMO_BUDGET, min=1, help="Candidates to evaluate."),
+    executor: str = _EXECUTOR,
+    ray_address: Optional[str] = _RAY,
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: <data dir>/demo)."),
+    db: Optional[str] = _DB,
+) -> None:
+    """Build the digits test bed if missing, search a merge of its two experts, print the front and write the
+    best recipe."""
+    import yaml
+
+    from evomerge.service.results import candidate_recipe, summarize
+    from evomerge.service.runner import prepare, submit
+    from evomerge.spec import JobSpec
+    from evomerge.storage import data_dir
+    from evomerge.testbeds import build
+
+    _executor_kind(executor)
+    _quiet_transformers()
+    bed_dir = data_dir() / "testbeds" / "digits"
+    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(), console=err,
+                  transient=True, disable=not err.is_terminal) as progress:
+        progress.add_task("digits test bed (built once)", total=None)
+        bed = Path(build("digits", bed_dir)).absolute()
+    out = (out or data_dir() / "demo").absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    data = demo_spec(bed, algorithm=algorithm, budget=budget, workers=1 if executor == "inline" else 2)
+    spec_path = out / "demo-spec.yaml"
+    spec_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    spec = JobSpec.from_dict(data, where=str(spec_path))
+    prepared = prepare(spec)
+    store = _store(db)
+    try:
+        with _make_executor(spec, executor, ray_address) as pool:
+            search_id = submit(store, spec, str(spec_path), prepared=prepared)
+            err.print(f"search {search_id}: {algorithm} over a TIES merge of two digits experts (0-4 and 5-9), "
+                      f"{budget} evaluations", highlight=False)
+            result = _drive(store, search_id, spec, pool, prepared=prepared, references=True)
+        summary = summarize(store, search_id)
+        console.print(_front_table(summary, limit=12))
+        if summary.best is None:
+            raise UserError(f"search {search_id} ended ({result.status}) without a successful candidate")
+        index, best = candidate_recipe(store, search_id, "best")
+    finally:
+        store.close()
+    yaml_path, json_path = out / "best-recipe.yml", out / "best-recipe.json"
+    yaml_path.write_text(best.to_mergekit_yaml())
+    json_path.write_text(best.to_json() + "\n")
+    means = {ref["name"]: sum(ref["values"].values()) / len(ref["values"])
+             for ref in summary.references if ref.get("values")}
+    best_mean = sum(summary.best.values.values()) / len(summary.best.values)
+    console.print(f"best merge: candidate {index}, mean accuracy {best_mean:.4f} (experts alone: "
+                  + ", ".join(f"{n} {m:.4f}" for n, m in means.items()) + ")", highlight=False)
+    console.print(f"best recipe: {escape(str(yaml_path))} (mergekit) and {escape(str(json_path))}", highlight=False)
+    console.print(f"see it later: evomerge status {search_id} · evomerge front {search_id} -o front.png · "
+                  f"evomerge serve, then http://127.0.0.1:8000/searches/{search_id}", highlight=False)
+
+
 
 
 def _load_recipe(file: Path) -> Recipe:

@@ -65,9 +65,10 @@ class Workspace:
         return self.outs / name
 
 
-def evomerge(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*EVOMERGE, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=_ENV,
-                          timeout=120)
+def evomerge(*args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None,
+             timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*EVOMERGE, *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env={**_ENV, **(env or {})}, timeout=timeout)
 
 
 def _build_models(ws: Workspace) -> None:
@@ -91,14 +92,16 @@ def _build_models(ws: Workspace) -> None:
 def _start_commands(ws: Workspace, pool: ThreadPoolExecutor) -> None:
     ties = ws.recipe("ties.yml", TIES)
 
-    def start(name: str, *args: str | Path, cwd: Path = ws.cwd) -> None:
-        ws.runs[name] = pool.submit(evomerge, *args, cwd=cwd)
+    def start(name: str, *args: str | Path, cwd: Path = ws.cwd, env: dict[str, str] | None = None) -> None:
+        ws.runs[name] = pool.submit(evomerge, *args, cwd=cwd, env=env, timeout=300)
 
     def bad(name: str, text: str, *extra: str) -> None:
         start(name, "materialize", ws.recipe(f"{name}.yml", text), ws.out(name), *extra)
 
     # what should work (the slowest first)
-    start("demo", "demo", "--out", ws.root / "demo")
+    # the demo builds its bed under the data folder and searches (inline here: no Ray start-up in the suite)
+    start("demo", "demo", "--executor", "inline", "--budget", "48", "--out", ws.root / "demo",
+          env={"EVOMERGE_DATA_DIR": str(ws.root / "data")})
     # run from the recipe's folder with a relative file name: the saved recipe must still hold absolute paths
     start("yaml", "materialize", ties.name, ws.out("yaml"), cwd=ws.recipes)
     start("sharded", "materialize", ties, ws.out("sharded"), "--shard-size", "50KB")
@@ -388,10 +391,26 @@ def test_recipe_convert_unknown_format(ws: Workspace) -> None:
 
 
 def test_demo(ws: Workspace) -> None:
+    """The demo builds the digits bed, searches, prints the front beside the experts and writes the best recipe;
+    its best merge beats both experts on the mean accuracy of the two tasks."""
+    from evomerge.service.results import summarize
+    from evomerge.storage import Store
+
     r = result(ws, "demo")
     assert r.returncode == 0, r.stderr
-    assert (ws.root / "demo" / "merged" / "config.json").is_file()
-    assert "merge_method: ties" in r.stdout
+    assert (ws.root / "data" / "testbeds" / "digits" / "testbed.json").is_file()
+    recipe = Recipe.from_mergekit_yaml((ws.root / "demo" / "best-recipe.yml").read_text())
+    assert recipe.merge_method == "ties"
+    assert Recipe.load(ws.root / "demo" / "best-recipe.json").merge_method == "ties"
+    assert "Pareto front" in r.stdout and "expert low" in r.stdout and "expert high" in r.stdout
+    assert "evomerge serve" in r.stdout and "/searches/1" in r.stdout
+    with Store(f"sqlite:///{ws.root / 'data' / 'evomerge.db'}") as store:
+        summary = summarize(store, 1)
+    assert summary.row.status == "done" and summary.row.counts["done"] == 48
+    expert_means = [sum(ref["values"].values()) / 2 for ref in summary.references]
+    assert len(expert_means) == 2
+    best_mean = max(sum(p.values.values()) / 2 for p in summary.front)
+    assert best_mean > max(expert_means) + 0.1, (best_mean, expert_means)
     assert "Loading weights" not in r.stderr and "Writing model shards" not in r.stderr
 
 
@@ -416,7 +435,8 @@ def test_testbed_unknown_name_or_size(ws: Workspace) -> None:
 def test_help_lists_commands(ws: Workspace) -> None:
     r = result(ws, "help")
     assert r.returncode == 0
-    for command in ("materialize", "recipe", "demo", "testbed"):
+    for command in ("materialize", "recipe", "demo", "testbed", "run", "resume", "status", "list", "cancel", "front",
+                    "db"):
         assert command in r.stdout
     r = result(ws, "recipe_help")
-    assert r.returncode == 0 and "validate" in r.stdout and "convert" in r.stdout
+    assert r.returncode == 0 and "validate" in r.stdout and "convert" in r.stdout and "export" in r.stdout

@@ -1,0 +1,188 @@
+"""What a search found, read back from SQL: the best candidate, the Pareto front, the experts' reference scores.
+
+One place computes them for the CLI (``status``, ``front``, ``recipe``, ``--json``) and, later, the REST API and
+the dashboard. The front is over the candidates' search scores (``done`` rows scored by a worker; rows that
+reuse an identical recipe's scores are left out, they would repeat a point); the best is the front member with
+the highest score under the spec's ``scalarize`` rule (ties: the earliest). Torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+
+from evomerge.errors import UserError
+from evomerge.search import non_dominated, scalarize
+from evomerge.spec import DEFAULT_METRIC, JobSpec
+
+if TYPE_CHECKING:
+    from evomerge.storage import Store
+
+REFERENCE_EVENT = "reference"  # an expert scored alone, stored as an event: {"name", "values", "holdout"}
+
+
+@dataclass
+class Point:
+    """One candidate as reports show it."""
+
+    index: int
+    values: dict[str, float]
+    holdout: dict[str, float] | None
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.index, "values": self.values, "holdout": self.holdout, "score": self.score}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What reports need of an objective: its name, direction and weight."""
+
+    name: str
+    direction: str
+    weight: float = 1.0
+
+    @property
+    def maximize(self) -> bool:
+        return self.direction == "maximize"
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How a search ranks candidates: its objectives and the ``scalarize`` rule, read from the stored spec
+    without validating it again (which would import every optimizer's library: seconds per CLI command)."""
+
+    objectives: tuple[Objective, ...]
+    scalarize: str = "mean"
+
+    @classmethod
+    def of(cls, spec: Mapping[str, Any]) -> "Scoring":
+        objectives = []
+        for o in spec.get("objectives") or []:
+            direction = o.get("direction")
+            if direction is None:
+                direction = DEFAULT_METRIC[o["task"]["kind"]][1]
+            objectives.append(Objective(o["name"], direction, float(o.get("weight", 1.0))))
+        return cls(tuple(objectives), (spec.get("algorithm") or {}).get("scalarize", "mean"))
+
+    @property
+    def names(self) -> list[str]:
+        return [o.name for o in self.objectives]
+
+    def scores(self, values: Any) -> np.ndarray:
+        """One higher-is-better score per row of objective values (:func:`evomerge.search.scalarize`)."""
+        return scalarize(np.asarray(values, dtype=np.float64).reshape(-1, len(self.objectives)),
+                         [o.direction for o in self.objectives], self.scalarize,  # type: ignore[arg-type]
+                         [o.weight for o in self.objectives])
+
+
+@dataclass
+class Summary:
+    search_id: int
+    row: Any
+    scoring: Scoring
+    best: Point | None
+    front: list[Point]
+    references: list[dict[str, Any]]
+
+    @property
+    def names(self) -> list[str]:
+        return self.scoring.names
+
+    @property
+    def objectives(self) -> tuple[Objective, ...]:
+        return self.scoring.objectives
+
+    def to_dict(self) -> dict[str, Any]:
+        """The one JSON document of ``--json``: id, status, counts, best, front (with holdout), references."""
+        row = self.row
+        return {
+            "id": self.search_id, "name": row.name, "status": row.status, "algorithm": row.algorithm,
+            "seed": row.seed, "budget": row.budget, "counts": dict(row.counts or {}),
+            "stop_reason": row.stop_reason, "error": row.error,
+            "objectives": [{"name": o.name, "direction": o.direction} for o in self.objectives],
+            "created_at": _iso(row.created_at), "started_at": _iso(row.started_at),
+            "finished_at": _iso(row.finished_at),
+            "best": None if self.best is None else self.best.to_dict(),
+            "front": [p.to_dict() for p in self.front],
+            "references": self.references,
+        }
+
+
+def _iso(moment: Any) -> str | None:
+    return None if moment is None else moment.isoformat()
+
+
+def search_row(store: "Store", search_id: int) -> Any:
+    """The row of search ``search_id``, or a :class:`UserError` naming it."""
+    row = store.get_search(search_id)
+    if row is None:
+        raise UserError(f"there is no search {search_id} in this database (see `evomerge list`)", where="ID")
+    return row
+
+
+def spec_of(row: Any) -> JobSpec:
+    return JobSpec.from_dict(row.spec, where=f"search {row.id}")
+
+
+def summarize(store: "Store", search_id: int) -> Summary:
+    """Best, front and references of a search from its rows."""
+    row = search_row(store, search_id)
+    scoring = Scoring.of(row.spec)
+    names = scoring.names
+    directions = [o.direction for o in scoring.objectives]
+    rows = [r for r in store.candidates(search_id, status="done", order_by="index", descending=False)
+            if r.reused_from is None]
+    points: list[Point] = []
+    if rows:
+        F = np.array([[_value(r.values, n) for n in names] for r in rows], dtype=np.float64)
+        scores = scoring.scores(F)
+        keep = non_dominated(F, directions)
+        points = [Point(rows[i].index, {n: float(F[i, k]) for k, n in enumerate(names)},
+                        dict(rows[i].holdout) if rows[i].holdout else None, float(scores[i])) for i in keep]
+    best = max(points, key=lambda p: (p.score, -p.index)) if points else None
+    references = [dict(_event_data(e)) for e in store.events(search_id) if _event_kind(e) == REFERENCE_EVENT]
+    return Summary(search_id, row, scoring, best, sorted(points, key=lambda p: [-p.score, p.index]), references)
+
+
+def _value(values: Mapping[str, float] | None, name: str) -> float:
+    value = (values or {}).get(name)
+    return np.nan if value is None else float(value)
+
+
+def _event_kind(event: Any) -> str:
+    return event["kind"] if isinstance(event, Mapping) else event.kind
+
+
+def _event_data(event: Any) -> Mapping[str, Any]:
+    return (event["data"] if isinstance(event, Mapping) else event.data) or {}
+
+
+def candidate_recipe(store: "Store", search_id: int, candidate: str | int = "best") -> tuple[int, Any]:
+    """(candidate id, :class:`~evomerge.merging.Recipe`) of ``candidate`` (an id, or ``"best"``)."""
+    from evomerge.merging import Recipe
+
+    if str(candidate).lower() == "best":
+        best = summarize(store, search_id).best
+        if best is None:
+            raise UserError(f"search {search_id} has no successful candidate yet", where="--candidate")
+        index = best.index
+    else:
+        try:
+            index = int(candidate)
+        except ValueError:
+            raise UserError(f"{candidate!r} is neither a candidate id nor 'best'", where="--candidate") from None
+        search_row(store, search_id)
+    row = store.candidate(search_id, index)
+    if row is None:
+        raise UserError(f"search {search_id} has no candidate {index}", where="--candidate")
+    if row.recipe is None:
+        raise UserError(f"candidate {index} is a set of weights, not a recipe (M2N2 from scratch); it has no "
+                        "recipe to export", where="--candidate")
+    return index, Recipe.model_validate_json(row.recipe)
+
+
+__all__ = ["REFERENCE_EVENT", "Objective", "Point", "Scoring", "Summary", "candidate_recipe", "search_row", "spec_of",
+           "summarize"]
