@@ -7,6 +7,7 @@ kept by alembic migrations shipped in ``migrations/`` and applied when a :class:
 from evomerge.storage.codec import decode_scores, encode_scores
 from evomerge.storage.database import data_dir, default_database_url, mask_url
 from evomerge.storage.repository import (
+    AlreadyFinishedError,
     CandidateResult,
     CandidateRow,
     CheckpointRow,
@@ -18,6 +19,7 @@ from evomerge.storage.repository import (
 )
 
 __all__ = [
+    "AlreadyFinishedError",
     "CandidateResult",
     "CandidateRow",
     "CheckpointRow",

@@ -5,13 +5,17 @@ example per objective, thousands per candidate) are stored as one small blob:
 
 * an array whose values are all 0 or 1 (accuracy, exact match) → ``np.packbits``: 1,437 scores in 180 bytes,
   and the round trip is **exact**;
-* any other array → float32: the round trip keeps **float32 precision** (relative error ≤ 2⁻²⁴ ≈ 6e-8;
-  NaN and ±inf survive), which is far below the noise of any score we keep.
+* any other array → float32 when that cast keeps every value within **float32 precision**: finite values
+  stay finite (no overflow to ±inf, no underflow into float32's subnormals or to 0), the relative error is
+  ≤ 2⁻²⁴ ≈ 6e-8, and whole numbers stay exact (so counts above 2²⁴ are not rounded); NaN and ±inf survive.
+  That is far below the noise of any score we keep;
+* an array that float32 cannot hold so → float64, bit-exact.
 
 Blob layout: ``b"EV"`` · format version (1 byte) · flags (1 byte: bit 0 = body is zlib-compressed) · body.
-The body is ``uint32 little-endian header length`` · header (compact JSON ``[[name, length, kind], ...]`` with
-kind ``"b"`` packed bits or ``"f"`` float32) · the payloads in header order. The body is zlib-compressed when
-that makes it smaller (skewed 0/1 data and float32 scores compress well; random bits do not).
+The body is ``uint32 little-endian header length`` · header (compact JSON ``[[name, length, kind], ...]``
+with kind ``"b"`` packed bits, ``"f"`` float32 or ``"d"`` float64) · the payloads in header order. The body is
+zlib-compressed when that makes it smaller (skewed 0/1 data and float32 scores compress well; random bits do
+not).
 
 Objective values and holdout values go to JSON columns, and PostgreSQL's JSON refuses ``NaN``/``Infinity``:
 :func:`strict_json` turns non-finite floats into ``None`` (or refuses them) and numpy scalars into Python ones.
@@ -52,23 +56,47 @@ def _is_binary(array: np.ndarray) -> bool:
     return bool(np.all((array == 0) | (array == 1)))
 
 
+def fits_float32(array: np.ndarray) -> bool:
+    """Whether storing ``array`` as float32 keeps the module's promise (finite stays finite, relative error
+    ≤ 2⁻²⁴, whole numbers exact; NaN and ±inf as they are)."""
+    values = np.asarray(array, dtype=np.float64)
+    with np.errstate(over="ignore", under="ignore"):
+        cast = values.astype(np.float32).astype(np.float64)
+    finite = np.isfinite(values)
+    if not np.array_equal(np.isfinite(cast), finite):
+        return False  # overflow to ±inf
+    v, c = values[finite], cast[finite]
+    if np.any((v == np.floor(v)) & (c != v)):
+        return False  # a whole number beyond float32's 2**24 would change
+    return bool(np.all(np.abs(c - v) <= 2.0**-24 * np.abs(v)))  # fails for underflow (subnormal or 0)
+
+
 def encode_scores(scores: Mapping[str, Any]) -> bytes:
     """Per-example scores ``{objective: 1-D array}`` as one compact blob (see the module docstring).
 
-    0/1 arrays round-trip exactly; other arrays at float32 precision.
+    0/1 arrays round-trip exactly; other arrays at float32 precision or, when float32 cannot keep it, exactly
+    as float64. Names are stored as ``str(name)``: two names with the same text raise ``ValueError``.
     """
     header: list[list[Any]] = []
     payloads: list[bytes] = []
+    names: set[str] = set()
     for name, values in scores.items():
+        text = str(name)
+        if text in names:
+            raise ValueError(f"per-example scores name {text!r} twice (names are stored as text)")
+        names.add(text)
         array = np.asarray(values)
         if array.ndim != 1:
             raise ValueError(f"per-example scores of {name!r} must be a 1-D array, got shape {array.shape}")
         if _is_binary(array):
-            header.append([str(name), int(array.size), "b"])
+            header.append([text, int(array.size), "b"])
             payloads.append(np.packbits(array.astype(np.uint8)).tobytes())
-        else:
-            header.append([str(name), int(array.size), "f"])
+        elif fits_float32(array):
+            header.append([text, int(array.size), "f"])
             payloads.append(array.astype("<f4").tobytes())
+        else:
+            header.append([text, int(array.size), "d"])
+            payloads.append(array.astype("<f8").tobytes())
     head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     body = struct.pack("<I", len(head)) + head + b"".join(payloads)
     packed = zlib.compress(body, 9)
@@ -78,13 +106,19 @@ def encode_scores(scores: Mapping[str, Any]) -> bytes:
 
 
 def decode_scores(data: bytes) -> dict[str, np.ndarray]:
-    """Inverse of :func:`encode_scores`: ``{objective: float64 array}`` in the order they were encoded."""
+    """Inverse of :func:`encode_scores`: ``{objective: float64 array}`` in the order they were encoded.
+
+    A damaged or foreign blob raises ``ValueError``.
+    """
     if data[:2] != _MAGIC or len(data) < 4:
         raise ValueError("not an evomerge per-example score blob")
     if data[2] != _VERSION:
         raise ValueError(f"per-example score blob of format {data[2]}; this evomerge reads format {_VERSION}")
-    body = zlib.decompress(data[4:]) if data[3] & _ZLIB else data[4:]
-    (head_len,) = struct.unpack_from("<I", body, 0)
+    try:
+        body = zlib.decompress(data[4:]) if data[3] & _ZLIB else data[4:]
+        (head_len,) = struct.unpack_from("<I", body, 0)
+    except (zlib.error, struct.error) as exc:
+        raise ValueError(f"damaged per-example score blob ({exc})") from None
     header = json.loads(body[4 : 4 + head_len].decode("utf-8"))
     offset = 4 + head_len
     out: dict[str, np.ndarray] = {}
@@ -96,6 +130,9 @@ def decode_scores(data: bytes) -> dict[str, np.ndarray]:
         elif kind == "f":
             size = 4 * length
             out[name] = np.frombuffer(body, dtype="<f4", count=length, offset=offset).astype(np.float64)
+        elif kind == "d":
+            size = 8 * length
+            out[name] = np.frombuffer(body, dtype="<f8", count=length, offset=offset).astype(np.float64)
         else:
             raise ValueError(f"unknown array kind {kind!r} in per-example score blob")
         offset += size

@@ -13,6 +13,7 @@ Two processes opening a fresh database at once therefore migrate it once; the se
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -29,7 +30,6 @@ from alembic.util import CommandError
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
-from sqlalchemy.pool import StaticPool
 
 from evomerge.errors import UserError
 
@@ -64,12 +64,33 @@ def default_database_url() -> str:
     return url or f"sqlite:///{data_dir() / 'evomerge.db'}"
 
 
+#: Query parameters that carry secrets (libpq's ``password`` and ``passfile``, any ``*password*`` key).
+_SECRET_QUERY_KEYS = ("password", "passfile", "sslpassword")
+
+
 def mask_url(url: str | URL) -> str:
-    """The URL with its password replaced by ``***`` (safe to print and log)."""
+    """The URL with its password replaced by ``***`` (safe to print and log).
+
+    Secrets in the query string are masked too: ``?password=...`` (libpq accepts it), ``passfile`` and
+    ``sslpassword``, and any other key containing ``password``.
+    """
     try:
-        return (url if isinstance(url, URL) else make_url(url)).render_as_string(hide_password=True)
+        parsed = url if isinstance(url, URL) else make_url(url)
     except ArgumentError:
         return "<unparseable URL>"
+    secret = [k for k in parsed.query if k.lower() in _SECRET_QUERY_KEYS or "password" in k.lower()]
+    if not secret:
+        return parsed.render_as_string(hide_password=True)
+    rendered = parsed.update_query_dict({k: "***" for k in secret}).render_as_string(hide_password=True)
+    return rendered.replace("=%2A%2A%2A", "=***")
+
+
+def is_in_memory(url: URL) -> bool:
+    """Whether ``url`` is an in-memory SQLite database (``sqlite://``, ``:memory:``, ``mode=memory``)."""
+    if url.get_backend_name() != "sqlite":
+        return False
+    database = url.database or ""
+    return not database or ":memory:" in database or "mode=memory" in database or url.query.get("mode") == "memory"
 
 
 def parse_url(url: str) -> URL:
@@ -87,7 +108,15 @@ def parse_url(url: str) -> URL:
         parsed = parsed.set(drivername=f"postgresql+{driver or 'psycopg'}")
     elif backend != "sqlite":
         raise UserError(f"{mask_url(parsed)}: unsupported database {backend!r}; {_FIX}", where="database")
-    elif parsed.database and parsed.database != ":memory:" and not parsed.query.get("uri"):
+    elif is_in_memory(parsed):
+        # One in-memory database would need one shared connection, which the runner's watcher thread and its
+        # main thread would use at once (pysqlite connections are not safe for that): writes get lost.
+        raise UserError(
+            f"{mask_url(parsed)}: in-memory SQLite is not supported (the runner uses the database from two "
+            f"threads); use a file, e.g. sqlite:///PATH (a temporary folder for throw-away runs), or {_FIX}",
+            where="database",
+        )
+    elif parsed.database and not parsed.query.get("uri"):
         folder = Path(parsed.database).expanduser().resolve().parent
         if not folder.is_dir():
             raise UserError(
@@ -102,12 +131,11 @@ def make_engine(url: str) -> Engine:
     Raises :class:`UserError` (``where="database"``) naming the URL (password masked) when it cannot connect.
     """
     parsed = parse_url(url)
-    kwargs: dict[str, Any] = {}
+    # Non-ASCII JSON keys stay as they are: SQLite's json_extract matches keys by their raw text, so an escaped
+    # "na\u00efve" would never equal the path '$."naïve"'.
+    kwargs: dict[str, Any] = {"json_serializer": _json_text}
     if parsed.get_backend_name() == "sqlite":
         kwargs["connect_args"] = {"timeout": 30.0}
-        if not parsed.database or parsed.database == ":memory:":
-            kwargs["poolclass"] = StaticPool  # one shared in-memory database (single-threaded use only)
-            kwargs["connect_args"]["check_same_thread"] = False
     else:
         kwargs["pool_pre_ping"] = True
         if "connect_timeout" not in parsed.query:
@@ -129,6 +157,11 @@ def make_engine(url: str) -> Engine:
         )
         raise UserError(f"cannot connect to {mask_url(parsed)}: {reason}; {fix} or {_FIX}", where="database") from None
     return engine
+
+
+def _json_text(value: Any) -> str:
+    """What JSON columns store: standard JSON text with non-ASCII characters unescaped."""
+    return json.dumps(value, ensure_ascii=False)
 
 
 def writer(engine: Engine) -> Engine:
@@ -204,6 +237,14 @@ def upgrade(engine: Engine) -> None:
             raise UserError(
                 f"{mask_url(engine.url)}: schema revision unknown to this evomerge ({exc}); the database was "
                 f"written by a newer evomerge: upgrade evomerge (this one knows {', '.join(sorted(heads))})",
+                where="database",
+            ) from None
+        except DBAPIError as exc:
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc).splitlines()[0]
+            raise UserError(
+                f"{mask_url(engine.url)}: cannot create or update evomerge's tables ({reason}); evomerge's tables "
+                f"are named evomerge_*: if another program made a table of that name, give evomerge its own "
+                f"database (or PostgreSQL schema) or {_FIX}",
                 where="database",
             ) from None
 

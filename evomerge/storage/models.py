@@ -84,14 +84,14 @@ class Base(DeclarativeBase):
 class Search(Base):
     """One optimizer run over one space with a budget; ``spec`` is the validated job spec as JSON."""
 
-    __tablename__ = "searches"
+    __tablename__ = "evomerge_searches"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    name: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     spec_path: Mapped[str | None] = mapped_column(Text)
-    algorithm: Mapped[str] = mapped_column(String(64))
+    algorithm: Mapped[str] = mapped_column(Text)
     seed: Mapped[int] = mapped_column(BigInteger)
     budget: Mapped[int] = mapped_column(Integer)
     objectives: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
@@ -112,10 +112,10 @@ class Candidate(Base):
     comparable row by row with an uninterrupted one. ``per_example`` loads only when asked for.
     """
 
-    __tablename__ = "candidates"
+    __tablename__ = "evomerge_candidates"
 
     search_id: Mapped[int] = mapped_column(
-        Integer, ForeignKey("searches.id", ondelete="CASCADE"), primary_key=True
+        Integer, ForeignKey("evomerge_searches.id", ondelete="CASCADE"), primary_key=True
     )
     idx: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     stage: Mapped[int] = mapped_column(SmallInteger)
@@ -128,7 +128,7 @@ class Candidate(Base):
     per_example: Mapped[bytes | None] = deferred(mapped_column(LargeBinary))
     merge_seconds: Mapped[float | None] = mapped_column(Float)
     score_seconds: Mapped[float | None] = mapped_column(Float)
-    worker: Mapped[str | None] = mapped_column(String(200))
+    worker: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer)
     reused_from: Mapped[int | None] = mapped_column(Integer)
@@ -144,10 +144,10 @@ class Candidate(Base):
 class Checkpoint(Base):
     """The optimizer's ``state_dict()`` after ``told`` candidates were told (the 3 latest per search are kept)."""
 
-    __tablename__ = "checkpoints"
+    __tablename__ = "evomerge_checkpoints"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    search_id: Mapped[int] = mapped_column(Integer, ForeignKey("searches.id", ondelete="CASCADE"))
+    search_id: Mapped[int] = mapped_column(Integer, ForeignKey("evomerge_searches.id", ondelete="CASCADE"))
     told: Mapped[int] = mapped_column(Integer)
     state: Mapped[dict[str, Any]] = mapped_column(JSON)
     report: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -159,10 +159,10 @@ class Checkpoint(Base):
 class Event(Base):
     """Something that happened to a search (progress, new best, failure), for the service's event stream."""
 
-    __tablename__ = "events"
+    __tablename__ = "evomerge_events"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    search_id: Mapped[int] = mapped_column(Integer, ForeignKey("searches.id", ondelete="CASCADE"))
+    search_id: Mapped[int] = mapped_column(Integer, ForeignKey("evomerge_searches.id", ondelete="CASCADE"))
     kind: Mapped[str] = mapped_column(String(64))
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)

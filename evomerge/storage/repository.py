@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+import zlib
 from datetime import datetime
 from types import TracebackType
 from typing import Any
@@ -39,13 +40,27 @@ from evomerge.storage.models import (
 CHECKPOINTS_KEPT = 3
 _CANDIDATES = Candidate.__table__
 #: One candidate's outcome, by primary key (executemany; the SET clause comes from the parameter keys).
-_COMPLETE = update(_CANDIDATES).where(
+_COMPLETE_ANY = update(_CANDIDATES).where(
     _CANDIDATES.c.search_id == bindparam("_search_id"), _CANDIDATES.c.idx == bindparam("_idx")
 )
+#: The same, only while the candidate is still pending (a second result for one candidate must not win).
+_COMPLETE = _COMPLETE_ANY.where(_CANDIDATES.c.status == "pending")
+#: Statuses a search may (re)start from: new, stale (a runner died), resumable after a cancel or a failure.
+STARTABLE_STATUSES = ("queued", "running", "cancelled", "failed")
+#: The PostgreSQL advisory-lock class that serialises event inserts of one search (any 32-bit constant).
+_PG_EVENT_LOCK = zlib.crc32(b"evomerge.storage.events") & 0x7FFFFFFF
 
 
 class NotFoundError(UserError):
     """A search or candidate id that is not in the database (the service answers 404)."""
+
+
+class AlreadyFinishedError(UserError):
+    """A result for a candidate that already has one (``done``/``failed``); the service answers 409."""
+
+
+class _Mismatch(Exception):
+    """Internal: fewer rows matched than results were given (the batch rolls back, then we say why)."""
 
 
 @dataclass
@@ -138,6 +153,24 @@ class EventRow:
     kind: str
     data: dict[str, Any]
     created_at: datetime
+
+
+def _check_page(limit: int | None, offset: int = 0) -> None:
+    """Negative limits and offsets mean different things to SQLite and PostgreSQL: refuse them."""
+    if limit is not None and limit < 0:
+        raise UserError(f"limit must be 0 or more, got {limit}", where="limit")
+    if offset < 0:
+        raise UserError(f"offset must be 0 or more, got {offset}", where="offset")
+
+
+def _check_objective_name(name: Any, where: str) -> None:
+    """Objective names become JSON keys that SQL reads back by path: no quotes, backslashes or control chars."""
+    if not isinstance(name, str) or not name or any(c in name for c in '"\\') or not name.isprintable():
+        raise UserError(
+            f"objective name {name!r} is not usable: give a non-empty name without quotes, backslashes or "
+            "control characters (e.g. acc_digits)",
+            where=where,
+        )
 
 
 def _empty_counts() -> dict[str, int]:
@@ -271,6 +304,7 @@ class Store:
                 raise UserError(
                     "each objective needs a name and direction 'maximize' or 'minimize'", where=f"objectives[{i}]"
                 )
+            _check_objective_name(objective["name"], f"objectives[{i}].name")
         now = utc_now()
         search = Search(
             name=name, status=status, spec=strict_json(spec, nonfinite="error"), spec_path=spec_path,
@@ -291,8 +325,9 @@ class Store:
             return _search_row(search, self._counts(session, [search_id])[search_id])
 
     def list_searches(self, *, status: str | None = None, limit: int = 100, offset: int = 0) -> list[SearchRow]:
-        """Searches, newest first, optionally only those with ``status``."""
+        """Searches, newest first, optionally only those with ``status`` (``limit``/``offset`` ≥ 0)."""
         _check_status(status, SEARCH_STATUSES, "search")
+        _check_page(limit, offset)
         stmt = select(Search).order_by(Search.id.desc()).limit(limit).offset(offset)
         if status is not None:
             stmt = stmt.where(Search.status == status)
@@ -309,6 +344,9 @@ class Store:
         ``running`` sets ``started_at`` the first time; ``cancelled``/``done``/``failed`` set ``finished_at``
         (any other status clears it: a resumed search is unfinished again). ``error``/``stop_reason`` are stored
         when given; moving to ``queued`` or ``running`` clears them.
+
+        Unconditional: a runner starting a search must use :meth:`start_search` instead, which cannot undo a
+        cancel that happened meanwhile.
         """
         _check_status(status, SEARCH_STATUSES, "search")
         now = utc_now()
@@ -325,6 +363,28 @@ class Store:
                 search.error = error
             if stop_reason is not None:
                 search.stop_reason = stop_reason
+
+    def start_search(self, search_id: int, *, from_status: str | None = None) -> str:
+        """Compare-and-set to ``running``; returns the status now in force (``"running"`` when it started).
+
+        A search starts (or resumes) from ``queued``, ``running`` (a runner that died left it so), ``cancelled``
+        or ``failed`` (see :data:`STARTABLE_STATUSES`); never from ``cancelling`` or ``done``, which are returned
+        unchanged. ``from_status`` narrows that to the one status the caller saw when it decided to start: a
+        search cancelled since (``queued`` → ``cancelled``) is then not started either. Starting sets
+        ``started_at`` the first time, clears ``finished_at``, ``error`` and ``stop_reason``.
+        """
+        allowed = STARTABLE_STATUSES
+        if from_status is not None:
+            _check_status(from_status, SEARCH_STATUSES, "search")
+            allowed = (from_status,) if from_status in STARTABLE_STATUSES else ()
+        now = utc_now()
+        with self._write() as session:
+            search = self._locked_search(session, search_id)
+            if search.status in allowed:
+                search.status, search.updated_at, search.finished_at = "running", now, None
+                search.started_at = search.started_at or now
+                search.error, search.stop_reason = None, None
+            return search.status
 
     def heartbeat(self, search_id: int) -> None:
         """Bump ``updated_at`` only (the runner is alive)."""
@@ -375,10 +435,15 @@ class Store:
                 raise NotFoundError(f"no search with id {search_id}", where="search") from None
             raise
 
-    def complete_candidates(self, search_id: int, results: Sequence[CandidateResult]) -> None:
-        """Store the outcomes of pending (or earlier) candidates in one transaction, all or none.
+    def complete_candidates(
+        self, search_id: int, results: Sequence[CandidateResult], *, overwrite: bool = False
+    ) -> None:
+        """Store the outcomes of pending candidates in one transaction, all or none.
 
-        Raises :class:`NotFoundError` when a result names a candidate that was never added.
+        Raises :class:`NotFoundError` when a result names a candidate that was never added, and
+        :class:`AlreadyFinishedError` when one names a candidate that is already ``done`` or ``failed`` (a late
+        duplicate result must not replace the first); nothing of the batch is stored then. ``overwrite=True``
+        replaces finished outcomes instead (deliberate re-scoring).
         """
         if not results:
             return
@@ -398,13 +463,28 @@ class Store:
             }  # fmt: skip
             for r in results
         ]
-        with self._writer.begin() as connection:
-            if connection.execute(_COMPLETE, params).rowcount == len(params):
+        try:
+            with self._writer.begin() as connection:
+                if connection.execute(_COMPLETE_ANY if overwrite else _COMPLETE, params).rowcount != len(params):
+                    raise _Mismatch  # leaving the block by an exception rolls the whole batch back
                 connection.execute(update(Search).where(Search.id == search_id).values(updated_at=now))
                 return
-            known = set(connection.scalars(select(_CANDIDATES.c.idx).where(_CANDIDATES.c.search_id == search_id)))
-            missing = sorted(set(indices) - known)  # raising inside the block rolls the batch back
+        except _Mismatch:
+            pass
+        found = select(_CANDIDATES.c.idx, _CANDIDATES.c.status).where(
+            _CANDIDATES.c.search_id == search_id, _CANDIDATES.c.idx.in_(indices)
+        )
+        with self._engine.connect() as connection:
+            status = {idx: state for idx, state in connection.execute(found)}
+        missing = sorted(set(indices) - set(status))
+        if missing:
             raise NotFoundError(f"search {search_id} has no candidates {missing[:10]}", where="candidates")
+        finished = sorted(i for i in indices if status[i] != "pending")
+        raise AlreadyFinishedError(
+            f"search {search_id}: candidates {finished[:10]} already have a result; nothing of this batch was "
+            "stored (pass overwrite=True to replace results)",
+            where="candidates",
+        )
 
     def set_holdout(self, search_id: int, index: int, values: dict[str, float]) -> None:
         """The holdout values of one candidate (non-finite values stored as ``None``)."""
@@ -440,15 +520,19 @@ class Store:
 
         Sorting by an objective happens in SQL on its JSON value (``json_extract`` on SQLite, ``->>`` on
         PostgreSQL), ``descending`` by default; candidates without a value (pending, failed, non-finite) come
-        last either way, ties by index. ``order_by="index"`` sorts by index in the given direction.
+        last either way, ties by index. ``order_by="index"`` sorts by index in the given direction, even when an
+        objective is named ``index`` (that objective cannot be sorted on here). ``limit``/``offset`` ≥ 0.
         """
         _check_status(status, CANDIDATE_STATUSES, "candidate")
+        _check_page(limit, offset)
         stmt = select(Candidate).where(Candidate.search_id == search_id)
         if status is not None:
             stmt = stmt.where(Candidate.status == status)
         with self._read() as session:
             if order_by is None:
                 stmt = stmt.order_by(Candidate.idx)
+            elif order_by == "index":
+                stmt = stmt.order_by(Candidate.idx.desc() if descending else Candidate.idx)
             else:
                 objectives = session.scalar(select(Search.objectives).where(Search.id == search_id)) or []
                 names = [o["name"] for o in objectives]
@@ -457,8 +541,6 @@ class Store:
                     stmt = stmt.order_by(
                         case((key.is_(None), 1), else_=0), key.desc() if descending else key.asc(), Candidate.idx
                     )
-                elif order_by == "index":
-                    stmt = stmt.order_by(Candidate.idx.desc() if descending else Candidate.idx)
                 else:
                     choices = ", ".join([*names, "index"])
                     raise UserError(
@@ -504,10 +586,22 @@ class Store:
             return _candidate_row(row, False) if row is not None else None
 
     def delete_candidates_from(self, search_id: int, index: int) -> int:
-        """Delete the candidates with index ≥ ``index`` (resume repair); returns how many went."""
-        stmt = delete(_CANDIDATES).where(_CANDIDATES.c.search_id == search_id, _CANDIDATES.c.idx >= index)
-        with self._writer.begin() as connection:
-            return int(connection.execute(stmt).rowcount)  # type: ignore[attr-defined]
+        """Delete the candidates with index ≥ ``index`` (resume repair); returns how many went.
+
+        Checkpoints with ``told > index`` (which told some of those candidates) go in the same transaction, so
+        a resume never restores a state that knows deleted candidates. ``index`` must be ≥ 0; an unknown
+        search raises :class:`NotFoundError`.
+        """
+        if index < 0:
+            raise UserError(f"index must be 0 or more, got {index}", where="index")
+        checkpoints = Checkpoint.__table__
+        with self._write() as session:
+            self._locked_search(session, search_id)
+            session.execute(
+                delete(checkpoints).where(checkpoints.c.search_id == search_id, checkpoints.c.told > index)
+            )
+            stmt = delete(_CANDIDATES).where(_CANDIDATES.c.search_id == search_id, _CANDIDATES.c.idx >= index)
+            return int(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
 
     # -- checkpoints and events ----------------------------------------------------------------------------------
 
@@ -544,12 +638,22 @@ class Store:
             )
 
     def add_event(self, search_id: int, kind: str, data: dict[str, Any]) -> int:
-        """Append an event; returns its id (ids increase: ``events(after=id)`` continues a stream)."""
+        """Append an event; returns its id (ids increase: ``events(after=id)`` continues a stream).
+
+        Inserts into one search's events are serialised (SQLite: the write lock; PostgreSQL: a transaction-level
+        advisory lock on the search), so ids are committed in increasing order and a reader paging with
+        ``after=`` never skips an event that was allocated an id earlier but committed later.
+        """
         row = {"search_id": search_id, "kind": kind, "data": strict_json(data), "created_at": utc_now()}
         with self._writer.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                lock = text("SELECT pg_advisory_xact_lock(CAST(:cls AS integer), CAST(:search_id AS integer))")
+                connection.execute(lock, {"cls": _PG_EVENT_LOCK, "search_id": int(search_id)})
             return int(connection.execute(insert(Event.__table__).returning(Event.__table__.c.id), row).scalar_one())
 
     def events(self, search_id: int, *, after: int = 0, limit: int = 1000) -> list[EventRow]:
+        """Events of a search with id > ``after``, oldest first, at most ``limit`` (≥ 0)."""
+        _check_page(limit)
         stmt = (
             select(Event)
             .where(Event.search_id == search_id, Event.id > after)

@@ -86,3 +86,38 @@ def test_strict_json_nulls_or_refuses_non_finite_numbers_and_unwraps_numpy() -> 
         strict_json({"x": [1.0, float("inf")]}, nonfinite="error", path="state")
     with pytest.raises(TypeError, match="object"):
         strict_json({"x": object()})
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [1e39, 0.5, -2e40],  # beyond float32's range: float32 would make them ±inf
+        [16777217.0, 3.0, 0.5],  # a whole number float32 would round to 16777216
+        [1e-45, 0.5],  # underflow: float32 would keep one bit of it
+        [1e-300, 0.25],  # underflow to 0
+    ],
+)
+def test_scores_float32_cannot_hold_round_trip_exactly_as_float64(values: list[float]) -> None:
+    array = np.array(values)
+    blob = encode_scores({"x": array})
+    np.testing.assert_array_equal(decode_scores(blob)["x"], array)
+    assert len(blob) > len(encode_scores({"x": np.full(array.size, 0.5)}))  # 8 bytes a score, not 4
+
+
+def test_scores_float32_can_hold_stay_float32_sized() -> None:
+    rng = np.random.default_rng(2)
+    nll = np.concatenate([rng.gamma(2.0, 1.5, size=1000), [16777216.0, -3.0, 0.0, np.nan, -np.inf]])
+    body = 4 + len('[["nll",1005,"f"]]') + 4 * nll.size  # header length, header, float32 payload
+    assert len(encode_scores({"nll": rng.permutation(nll)})) <= 4 + body  # zlib only when smaller
+
+
+def test_names_colliding_as_text_and_damaged_blobs_raise_value_error() -> None:
+    with pytest.raises(ValueError, match="name '1' twice"):
+        encode_scores({1: np.ones(2), "1": np.zeros(2)})
+    blob = encode_scores({"acc": np.ones(1000)})
+    assert blob[3] == 1  # compressed
+    for damaged in (blob[:4] + b"\x00garbage", blob[:-3]):
+        with pytest.raises(ValueError, match="damaged per-example score blob"):
+            decode_scores(damaged)
+    with pytest.raises(ValueError):
+        decode_scores(b"EV\x01\x00\x01\x00")  # header length cut short

@@ -10,13 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 from storage_helpers import new_search
 
 from evomerge.errors import UserError
 from evomerge.storage import CandidateResult, NewCandidate, Store, data_dir, default_database_url
-from evomerge.storage.database import parse_url
-from evomerge.storage.testing import DatabaseUnavailable, database_for_tests, temporary_database
+from evomerge.storage.database import mask_url, parse_url
+from evomerge.storage.testing import (
+    DatabaseMisconfigured,
+    DatabaseUnavailable,
+    _postgres_server,
+    database_for_tests,
+    temporary_database,
+)
 
 
 def test_data_dir_and_default_url_follow_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -47,6 +53,11 @@ def test_data_dir_and_default_url_follow_the_environment(tmp_path: Path, monkeyp
         ("mysql://root:hunter2@127.0.0.1/db", "unsupported database 'mysql'"),
         ("sqlite:////no/such/folder/evomerge.db", "folder /no/such/folder does not exist"),
         ("postgresql://evo:hunter2@127.0.0.1:1/test", "cannot connect to postgresql\\+psycopg://evo:\\*\\*\\*@127"),
+        ("postgresql://evo@127.0.0.1:1/test?password=hunter2", "cannot connect to .*password=\\*\\*\\*"),
+        ("postgresql://evo@127.0.0.1:1/test?passfile=/x/hunter2", "cannot connect to .*passfile=\\*\\*\\*"),
+        ("sqlite://", "in-memory SQLite is not supported"),
+        ("sqlite:///:memory:", "in-memory SQLite is not supported"),
+        ("sqlite:///file:mem?mode=memory&uri=true", "in-memory SQLite is not supported"),
     ],
 )
 def test_bad_urls_raise_one_user_error_naming_the_database_with_the_password_masked(url: str, message: str) -> None:
@@ -162,3 +173,60 @@ def test_a_missing_postgres_server_skips_the_backend_locally_and_fails_it_in_ci(
             pass
     with database_for_tests("sqlite") as url:  # SQLite needs no server
         assert url.startswith("sqlite:///")
+
+
+def test_mask_url_hides_passwords_in_the_query_string_too() -> None:
+    masked = mask_url("postgresql+psycopg://u:pw1@h/db?password=pw2&sslpassword=pw3&passfile=/p&application_name=a")
+    assert all(secret not in masked for secret in ("pw1", "pw2", "pw3", "/p"))
+    assert "application_name=a" in masked and masked.startswith("postgresql+psycopg://u:***@h/db?")
+
+
+def test_three_processes_changing_one_search_status_never_hit_database_is_locked(tmp_path: Path) -> None:
+    """Session writes read the row before writing it; with a deferred BEGIN two processes upgrading their read
+    locks at once fail with "database is locked" at once (no busy wait). ``BEGIN IMMEDIATE`` prevents that."""
+    url = f"sqlite:///{tmp_path / 'evomerge.db'}"
+    with Store(url) as store:
+        sid = new_search(store)
+    script = textwrap.dedent(f"""
+        from evomerge.storage import Store
+        with Store({url!r}, upgrade=False) as store:
+            for _ in range(300):
+                store.set_status({sid}, "running")
+                store.request_cancel({sid})
+    """)
+    processes = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    outcomes = [(p.wait(timeout=120), p.stderr.read() if p.stderr else "") for p in processes]
+    assert [code for code, _ in outcomes] == [0, 0, 0], [err[-300:] for _, err in outcomes]
+    with Store(url, upgrade=False) as store:
+        assert store.get_search(sid).status == "cancelling"  # type: ignore[union-attr]
+
+
+def test_a_table_of_another_program_in_the_way_is_a_user_error_naming_it(db_url: str) -> None:
+    engine = create_engine(db_url)
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE evomerge_events (id integer primary key, what text)"))
+    engine.dispose()
+    with pytest.raises(UserError, match="cannot create or update evomerge's tables .*evomerge_events") as info:
+        Store(db_url)
+    assert info.value.where == "database"
+
+
+def test_a_postgres_server_that_answers_but_refuses_us_fails_instead_of_skipping(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    try:
+        server = _postgres_server()
+    except DatabaseUnavailable as exc:
+        pytest.skip(f"postgresql: {exc}")
+    for wrong in (server.set(username="no_such_role_evomerge"), server.set(database="no_such_database_evomerge")):
+        monkeypatch.setenv("EVOMERGE_TEST_POSTGRES_URL", wrong.render_as_string(hide_password=False))
+        monkeypatch.delenv("CI", raising=False)
+        with pytest.raises(DatabaseMisconfigured, match="refuses us.*does not exist"):
+            with temporary_database("postgresql"):
+                pass
+        with pytest.raises(pytest.fail.Exception, match="postgresql: the PostgreSQL test server refuses us"):
+            with database_for_tests("postgresql"):
+                pass

@@ -27,7 +27,8 @@ def test_the_migrated_schema_matches_the_orm_models(store: Store) -> None:
         )
         assert compare_metadata(context, Base.metadata) == []
     tables = set(inspect(store.engine).get_table_names())
-    assert tables == {"searches", "candidates", "checkpoints", "events", VERSION_TABLE}
+    names = {"evomerge_searches", "evomerge_candidates", "evomerge_checkpoints", "evomerge_events", VERSION_TABLE}
+    assert tables == names  # every table carries the evomerge_ prefix
 
 
 def test_upgrade_is_explicit_when_asked_and_a_second_upgrade_changes_nothing(db_url: str) -> None:

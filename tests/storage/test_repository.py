@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import timezone
 
 import numpy as np
 import pytest
+from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 from storage_helpers import OBJECTIVES, new_search
 
 from evomerge.errors import UserError
-from evomerge.storage import CandidateResult, NewCandidate, NotFoundError, Store
+from evomerge.storage import AlreadyFinishedError, CandidateResult, NewCandidate, NotFoundError, Store
 
 
 def _add(store: Store, search_id: int, indices: range | list[int], dim: int = 4, **kw: object) -> None:
@@ -266,3 +268,149 @@ def test_two_searches_in_one_database_never_mix(store: Store) -> None:
     assert store.delete_search(a) and not store.delete_search(a)
     assert store.candidates(a) == [] and store.get_search(a) is None
     assert store.count_candidates(b)["total"] == 4
+
+
+def test_a_second_result_for_a_finished_candidate_is_refused_whole_unless_overwriting(store: Store) -> None:
+    sid = new_search(store)
+    _add(store, sid, range(3))
+    store.complete_candidates(sid, [_done(0, 0.9, 0.8, per_example={"acc_0_4": np.ones(3)})])
+    late = CandidateResult(0, "failed", error="late duplicate")
+    with pytest.raises(AlreadyFinishedError, match=r"candidates \[0\] already have a result") as info:
+        store.complete_candidates(sid, [_done(1, 0.1, 0.1), late])
+    assert info.value.where == "candidates"
+    with pytest.raises(NotFoundError, match=r"no candidates \[9\]"):  # missing is told apart from finished
+        store.complete_candidates(sid, [late, _done(9, 0.1, 0.1)])
+    first = store.candidate(sid, 0, with_per_example=True)
+    assert first is not None and first.status == "done" and first.values == {"acc_0_4": 0.9, "acc_5_9": 0.8}
+    assert first.per_example is not None and first.per_example["acc_0_4"].tolist() == [1.0, 1.0, 1.0]
+    assert store.candidate(sid, 1).status == "pending"  # type: ignore[union-attr]  # all or nothing
+    store.complete_candidates(sid, [late], overwrite=True)
+    replaced = store.candidate(sid, 0)
+    assert replaced is not None and (replaced.status, replaced.values, replaced.error) == (
+        "failed", None, "late duplicate"
+    )
+
+
+def test_start_search_never_undoes_a_cancel(store: Store) -> None:
+    queued = new_search(store, "q")
+    assert store.request_cancel(queued) == "cancelled"
+    assert store.start_search(queued, from_status="queued") == "cancelled"  # the runner saw it queued: stop
+    row = store.get_search(queued)
+    assert row is not None and row.status == "cancelled" and row.finished_at is not None
+    running = new_search(store, "r")
+    assert store.start_search(running) == "running"
+    started = store.get_search(running).started_at  # type: ignore[union-attr]
+    assert store.request_cancel(running) == "cancelling"
+    assert store.start_search(running) == "cancelling"  # a racing start loses to the cancel
+    assert store.start_search(running, from_status="running") == "cancelling"
+    store.set_status(running, "cancelled", stop_reason="cancelled")
+    assert store.start_search(running) == "running"  # resuming a cancelled search is allowed
+    resumed = store.get_search(running)
+    assert resumed is not None and resumed.started_at == started
+    assert (resumed.finished_at, resumed.stop_reason, resumed.error) == (None, None, None)
+    store.set_status(running, "failed", error="boom")
+    assert store.start_search(running, from_status="failed") == "running"
+    store.set_status(running, "done")
+    assert store.start_search(running) == "done"
+    with pytest.raises(NotFoundError):
+        store.start_search(12345)
+
+
+def test_order_by_index_sorts_by_index_even_when_an_objective_is_named_index(store: Store) -> None:
+    sid = new_search(store, objectives=[{"name": "index", "direction": "maximize"}])
+    _add(store, sid, range(4))
+    results = [CandidateResult(i, "done", values={"index": v}) for i, v in enumerate([0.9, 0.1, 0.5])]
+    store.complete_candidates(sid, results)
+    assert [c.index for c in store.candidates(sid, order_by="index", descending=False)] == [0, 1, 2, 3]
+    assert [c.index for c in store.candidates(sid, order_by="index")] == [3, 2, 1, 0]
+
+
+@pytest.mark.parametrize("name", ["naïve", "日本", "a.b", "a'b", "a[0]", "$", "a b"])
+def test_objectives_with_any_printable_name_sort_in_sql(store: Store, name: str) -> None:
+    sid = new_search(store, objectives=[{"name": name, "direction": "maximize"}])
+    _add(store, sid, range(4))
+    results = [CandidateResult(i, "done", values={name: v}) for i, v in enumerate([0.2, 0.9, 0.5])]
+    store.complete_candidates(sid, results)
+    assert [c.index for c in store.candidates(sid, order_by=name)] == [1, 2, 0, 3]
+
+
+@pytest.mark.parametrize("name", ['a"b', "a\\b", "a\nb", ""])
+def test_objective_names_sql_cannot_address_are_refused(store: Store, name: str) -> None:
+    with pytest.raises(UserError, match="is not usable") as info:
+        new_search(store, objectives=[OBJECTIVES[0], {"name": name, "direction": "maximize"}])
+    assert info.value.where == "objectives[1].name"
+
+
+def test_long_names_are_stored_whole(store: Store) -> None:
+    sid = new_search(store, "n" * 300, algorithm="a" * 300)
+    _add(store, sid, [0])
+    store.complete_candidates(sid, [_done(0, 0.1, 0.1, worker="w" * 500)])
+    row = store.get_search(sid)
+    assert row is not None and (len(row.name), len(row.algorithm)) == (300, 300)
+    assert store.candidate(sid, 0).worker == "w" * 500  # type: ignore[union-attr]
+
+
+def test_negative_limits_and_offsets_are_refused_on_every_backend(store: Store) -> None:
+    sid = new_search(store)
+    _add(store, sid, range(5))
+    assert [c.index for c in store.candidates(sid, offset=2, limit=2)] == [2, 3]
+    for call, where in [
+        (lambda: store.candidates(sid, limit=-1), "limit"),
+        (lambda: store.candidates(sid, offset=-1), "offset"),
+        (lambda: store.list_searches(limit=-1), "limit"),
+        (lambda: store.list_searches(offset=-2), "offset"),
+        (lambda: store.events(sid, limit=-1), "limit"),
+    ]:
+        with pytest.raises(UserError, match="must be 0 or more") as info:
+            call()
+        assert info.value.where == where
+
+
+def test_delete_candidates_from_drops_checkpoints_that_told_them_and_checks_its_arguments(store: Store) -> None:
+    sid, other = new_search(store, "a"), new_search(store, "b")
+    _add(store, sid, range(6))
+    for told in (2, 4, 6):
+        store.save_checkpoint(sid, told=told, state={"told": told})
+    store.save_checkpoint(other, told=6, state={"told": 6})
+    assert store.delete_candidates_from(sid, 3) == 3
+    assert store.latest_checkpoint(sid).told == 2  # type: ignore[union-attr]  # told=4 and 6 knew 3..5
+    assert store.latest_checkpoint(other).told == 6  # type: ignore[union-attr]
+    with pytest.raises(UserError, match="index must be 0 or more") as info:
+        store.delete_candidates_from(sid, -5)
+    assert info.value.where == "index"
+    assert store.count_candidates(sid)["total"] == 3
+    with pytest.raises(NotFoundError):
+        store.delete_candidates_from(sid + 100, 0)
+
+
+def test_an_event_committed_late_is_never_skipped_by_a_reader_paging_with_after(store: Store) -> None:
+    """Writer A gets its event id, then stalls before committing; writer B's event must not become visible
+    (with a higher id) before A's, or a reader that saw B and pages with ``after=B`` never sees A."""
+    sid = new_search(store)
+    inserted, release = threading.Event(), threading.Event()
+    local = threading.local()
+
+    def stall(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if getattr(local, "stall", False) and "INSERT INTO evomerge_events" in statement:
+            inserted.set()
+            release.wait(2.0)
+
+    event.listen(store.engine, "after_cursor_execute", stall)
+
+    def writer_a() -> None:
+        local.stall = True
+        store.add_event(sid, "A", {})
+
+    thread = threading.Thread(target=writer_a)
+    thread.start()
+    assert inserted.wait(10)
+    timer = threading.Timer(0.5, release.set)  # A commits a little later, while B is writing
+    timer.start()
+    store.add_event(sid, "B", {})
+    seen = [e.kind for e in store.events(sid)]
+    thread.join()
+    timer.join()
+    event.remove(store.engine, "after_cursor_execute", stall)
+    last = store.events(sid)[len(seen) - 1].id if seen else 0
+    seen += [e.kind for e in store.events(sid, after=last)]
+    assert sorted(seen) == ["A", "B"]

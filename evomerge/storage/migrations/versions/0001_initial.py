@@ -1,4 +1,6 @@
-"""Initial schema: searches, candidates, checkpoints, events.
+"""Initial schema: evomerge_searches, evomerge_candidates, evomerge_checkpoints, evomerge_events.
+
+Tables carry the ``evomerge_`` prefix so that evomerge can share a database (or schema) with other programs.
 
 Revision ID: 0001
 Revises:
@@ -24,13 +26,13 @@ def _utc() -> sa.DateTime:
 
 def upgrade() -> None:
     op.create_table(
-        "searches",
+        "evomerge_searches",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
-        sa.Column("name", sa.String(length=200), nullable=False),
+        sa.Column("name", sa.Text(), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("spec", sa.JSON(), nullable=False),
         sa.Column("spec_path", sa.Text(), nullable=True),
-        sa.Column("algorithm", sa.String(length=64), nullable=False),
+        sa.Column("algorithm", sa.Text(), nullable=False),
         sa.Column("seed", sa.BigInteger(), nullable=False),
         sa.Column("budget", sa.Integer(), nullable=False),
         sa.Column("objectives", sa.JSON(), nullable=False),
@@ -40,12 +42,12 @@ def upgrade() -> None:
         sa.Column("finished_at", _utc(), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column("stop_reason", sa.Text(), nullable=True),
-        sa.PrimaryKeyConstraint("id", name="pk_searches"),
+        sa.PrimaryKeyConstraint("id", name="pk_evomerge_searches"),
     )
-    op.create_index("ix_searches_status", "searches", ["status"])
+    op.create_index("ix_evomerge_searches_status", "evomerge_searches", ["status"])
 
     op.create_table(
-        "candidates",
+        "evomerge_candidates",
         sa.Column("search_id", sa.Integer(), nullable=False),
         sa.Column("idx", sa.Integer(), autoincrement=False, nullable=False),
         sa.Column("stage", sa.SmallInteger(), nullable=False),
@@ -58,22 +60,27 @@ def upgrade() -> None:
         sa.Column("per_example", sa.LargeBinary(), nullable=True),
         sa.Column("merge_seconds", sa.Float(), nullable=True),
         sa.Column("score_seconds", sa.Float(), nullable=True),
-        sa.Column("worker", sa.String(length=200), nullable=True),
+        sa.Column("worker", sa.Text(), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("reused_from", sa.Integer(), nullable=True),
         sa.Column("created_at", _utc(), nullable=False),
         sa.Column("finished_at", _utc(), nullable=True),
         sa.ForeignKeyConstraint(
-            ["search_id"], ["searches.id"], name="fk_candidates_search_id_searches", ondelete="CASCADE"
+            ["search_id"],
+            ["evomerge_searches.id"],
+            name="fk_evomerge_candidates_search_id_evomerge_searches",
+            ondelete="CASCADE",
         ),
-        sa.PrimaryKeyConstraint("search_id", "idx", name="pk_candidates"),
+        sa.PrimaryKeyConstraint("search_id", "idx", name="pk_evomerge_candidates"),
     )
-    op.create_index("ix_candidates_search_id_status", "candidates", ["search_id", "status"])
-    op.create_index("ix_candidates_search_id_recipe_hash", "candidates", ["search_id", "recipe_hash"])
+    op.create_index("ix_evomerge_candidates_search_id_status", "evomerge_candidates", ["search_id", "status"])
+    op.create_index(
+        "ix_evomerge_candidates_search_id_recipe_hash", "evomerge_candidates", ["search_id", "recipe_hash"]
+    )
 
     op.create_table(
-        "checkpoints",
+        "evomerge_checkpoints",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("search_id", sa.Integer(), nullable=False),
         sa.Column("told", sa.Integer(), nullable=False),
@@ -81,34 +88,40 @@ def upgrade() -> None:
         sa.Column("report", sa.JSON(), nullable=False),
         sa.Column("created_at", _utc(), nullable=False),
         sa.ForeignKeyConstraint(
-            ["search_id"], ["searches.id"], name="fk_checkpoints_search_id_searches", ondelete="CASCADE"
+            ["search_id"],
+            ["evomerge_searches.id"],
+            name="fk_evomerge_checkpoints_search_id_evomerge_searches",
+            ondelete="CASCADE",
         ),
-        sa.PrimaryKeyConstraint("id", name="pk_checkpoints"),
+        sa.PrimaryKeyConstraint("id", name="pk_evomerge_checkpoints"),
     )
-    op.create_index("ix_checkpoints_search_id_id", "checkpoints", ["search_id", "id"])
+    op.create_index("ix_evomerge_checkpoints_search_id_id", "evomerge_checkpoints", ["search_id", "id"])
 
     op.create_table(
-        "events",
+        "evomerge_events",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("search_id", sa.Integer(), nullable=False),
         sa.Column("kind", sa.String(length=64), nullable=False),
         sa.Column("data", sa.JSON(), nullable=False),
         sa.Column("created_at", _utc(), nullable=False),
         sa.ForeignKeyConstraint(
-            ["search_id"], ["searches.id"], name="fk_events_search_id_searches", ondelete="CASCADE"
+            ["search_id"],
+            ["evomerge_searches.id"],
+            name="fk_evomerge_events_search_id_evomerge_searches",
+            ondelete="CASCADE",
         ),
-        sa.PrimaryKeyConstraint("id", name="pk_events"),
+        sa.PrimaryKeyConstraint("id", name="pk_evomerge_events"),
     )
-    op.create_index("ix_events_search_id_id", "events", ["search_id", "id"])
+    op.create_index("ix_evomerge_events_search_id_id", "evomerge_events", ["search_id", "id"])
 
 
 def downgrade() -> None:
-    op.drop_index("ix_events_search_id_id", table_name="events")
-    op.drop_table("events")
-    op.drop_index("ix_checkpoints_search_id_id", table_name="checkpoints")
-    op.drop_table("checkpoints")
-    op.drop_index("ix_candidates_search_id_recipe_hash", table_name="candidates")
-    op.drop_index("ix_candidates_search_id_status", table_name="candidates")
-    op.drop_table("candidates")
-    op.drop_index("ix_searches_status", table_name="searches")
-    op.drop_table("searches")
+    op.drop_index("ix_evomerge_events_search_id_id", table_name="evomerge_events")
+    op.drop_table("evomerge_events")
+    op.drop_index("ix_evomerge_checkpoints_search_id_id", table_name="evomerge_checkpoints")
+    op.drop_table("evomerge_checkpoints")
+    op.drop_index("ix_evomerge_candidates_search_id_recipe_hash", table_name="evomerge_candidates")
+    op.drop_index("ix_evomerge_candidates_search_id_status", table_name="evomerge_candidates")
+    op.drop_table("evomerge_candidates")
+    op.drop_index("ix_evomerge_searches_status", table_name="evomerge_searches")
+    op.drop_table("evomerge_searches")
