@@ -99,7 +99,10 @@ class ModelsSpec(_Strict):
 
 # ----------------------------------------------------------------------------------------------------- space
 
-SpaceKind = Literal["parameter", "dataflow", "hybrid", "coefficients"]
+SpaceKind = Literal["parameter", "dataflow", "hybrid", "coefficients", "fields", "weights"]
+# Spaces of M2N2 (arXiv 2508.16204): they search coefficient fields over the seeds or the weights themselves, not a
+# method's parameters, and only the m2n2 algorithm breeds them.
+M2N2_KINDS = ("fields", "weights")
 
 
 class SpaceSpec(_Strict):
@@ -108,7 +111,9 @@ class SpaceSpec(_Strict):
     ``parameter`` searches the method's numeric parameters per expert and per group of layers (PS);
     ``dataflow`` searches a layer path through all models with input scales (DFS, arXiv 2403.13187);
     ``hybrid`` runs PS then DFS over the PS result and the experts; ``coefficients`` searches one
-    task-arithmetic coefficient per expert (MAP, arXiv 2406.07529).
+    task-arithmetic coefficient per expert (MAP, arXiv 2406.07529); ``fields`` and ``weights`` are M2N2's
+    (arXiv 2508.16204): members are piecewise linear combinations of the experts (and the base with
+    ``include_base``) held as coefficient fields, or full weight vectors evolved from random models.
     """
 
     kind: SpaceKind = "parameter"
@@ -125,7 +130,8 @@ class SpaceSpec(_Strict):
     repeats: int = Field(default=2, ge=1, le=8, description="DFS: how often the layer sequence is repeated (r).")
     max_path_length: int | None = Field(default=None, ge=1, description="DFS: at most this many layers.")
     scale_bounds: tuple[float, float] = Field(default=(0.5, 1.5), description="DFS: bounds of the input scales.")
-    include_base: bool = Field(default=False, description="DFS/hybrid: the base's layers are path sources too.")
+    include_base: bool = Field(default=False, description="DFS/hybrid: the base's layers are path sources too; "
+                               "fields: the base is a seed too.")
 
     @field_validator("method")
     @classmethod
@@ -149,6 +155,13 @@ class SpaceSpec(_Strict):
     def _check(self) -> "SpaceSpec":
         from evomerge.merging.catalog import METHODS
 
+        if self.kind in M2N2_KINDS:
+            evolves = "coefficient fields over the experts" if self.kind == "fields" else "the weights"
+            for key in ("search", "fixed"):
+                if getattr(self, key):
+                    raise ValueError(f"{key}: the {self.kind} space evolves {evolves}, not a method's parameters; "
+                                     f"remove `{key}`")
+            return self
         method = METHODS[self.method]
         params = method.param_map
         if self.kind == "coefficients" and self.method != "task_arithmetic":
@@ -342,7 +355,7 @@ class AlgorithmSpec(_Strict):
 
 
 class BudgetSpec(_Strict):
-    evaluations: int = Field(default=100, ge=1, description="Candidates scored at most (repeats not counted).")
+    evaluations: int = Field(default=100, ge=1, description="Candidates the optimizer is told at most; an identical recipe is scored once and its repeats copy the scores but still count.")
     wall_time_s: float | None = Field(default=None, gt=0, description="Stop after this many seconds.")
 
 
@@ -377,7 +390,24 @@ class JobSpec(_Strict):
         for i, name in enumerate(names):
             if name in names[:i]:
                 raise ValueError(f"objectives.{i}.name: {name!r} is used twice; give each objective its own name")
-        if self.space.kind != "dataflow":
+        m2n2_space = self.space.kind in M2N2_KINDS
+        if (self.algorithm.name == "m2n2") != m2n2_space:
+            if m2n2_space:
+                raise ValueError(f"algorithm.name: the {self.space.kind} space is bred by m2n2 only; set "
+                                 "algorithm.name: m2n2")
+            raise ValueError(f"space.kind: m2n2 breeds coefficient fields or weights; set space.kind: fields "
+                             f"(from the experts) or weights (from scratch), not {self.space.kind}")
+        if m2n2_space and self.space.kind == "fields" and self.algorithm.options.get("mutation_sigma", 0) > 0:
+            raise ValueError("algorithm.options.mutation_sigma: members of the fields space are combinations of "
+                             "the experts and cannot be mutated; set it to 0 or use space.kind: weights")
+        if self.algorithm.name == "map":
+            if self.space.kind != "coefficients":
+                raise ValueError("space.kind: the map algorithm fits surrogates over one task-arithmetic coefficient "
+                                 "per expert; set space.kind: coefficients")
+            if self.algorithm.options.get("nested") and len(self.objectives) != len(self.models.experts):
+                raise ValueError(f"algorithm.options.nested: nested MAP pairs objective i with expert i; give "
+                                 f"{len(self.models.experts)} objectives (got {len(self.objectives)}) or drop nested")
+        if self.space.kind != "dataflow" and not m2n2_space:
             method = METHODS[self.space.method]
             n = len(self.models.experts)
             if n < method.min_models:

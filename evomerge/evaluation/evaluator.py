@@ -85,6 +85,7 @@ class Evaluator:
         self._path_structure: str | None = None
         self._path_weights: str | None = None
         self._hooks: list = []
+        self._flat_layout: Any = None
 
     # -- models ---------------------------------------------------------------------------------------------
 
@@ -145,6 +146,28 @@ class Evaluator:
         return self.score_model(model, split=split, merge_seconds=merge_seconds)
 
     __call__ = evaluate
+
+    def evaluate_weights(self, vector: np.ndarray | torch.Tensor, *, split: str = "data") -> CandidateScore:
+        """Write a flat weight vector into the live model and score it on ``split`` (M2N2's ``weights`` space).
+
+        ``vector`` holds every floating tensor of the base in the canonical flat order of
+        :mod:`evomerge.merging.flat` (names sorted, each row-major); it is copied into the model's parameters in
+        place, so a later :meth:`evaluate` of a recipe overwrites it as usual.
+        """
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+        from evomerge.merging.geometry import flat_layout, write_flat
+
+        start = time.perf_counter()
+        if self._model is None:  # the live model, built once from the base itself
+            self._model = self._build(Recipe(merge_method="passthrough", base_model=self.model_set.base_name))
+        if self._flat_layout is None:
+            self._flat_layout = flat_layout(self.model_set)
+        live = dict(self._model.named_parameters(remove_duplicate=False))
+        live.update(dict(self._model.named_buffers(remove_duplicate=False)))
+        write_flat(live, vector, self._flat_layout)
+        self._sync()
+        return self.score_model(self._model, split=split, merge_seconds=time.perf_counter() - start)
 
     def score_model(self, model: torch.nn.Module, *, split: str = "data", merge_seconds: float = 0.0) -> CandidateScore:
         """Score a model as it is (already merged, or any model of the base's family)."""

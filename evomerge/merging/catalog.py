@@ -8,6 +8,7 @@ read it; the kernels that run a method are in :mod:`evomerge.merging.methods`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
@@ -51,6 +52,13 @@ class Param:
 
     def check(self, value: Any) -> Any:
         """Coerce one scalar to the parameter's type and check its range; raise ValueError saying what is allowed."""
+        if self.type is list:
+            # A list of numbers taken as it is (never a per-layer gradient), e.g. piecewise_linear's segments.
+            items = value if isinstance(value, list) else [value]
+            for v in items:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ValueError(f"must be a list of finite numbers, got {v!r} in it")
+            return list(value) if isinstance(value, list) else value
         if self.type is bool:
             if not isinstance(value, bool):
                 raise ValueError(f"must be true or false, got {value!r}")
@@ -208,9 +216,15 @@ def evaluate_setting(setting: "ParameterSetting", tensor_name: str, t: float) ->
 
 def resolve(param: Param, sources: Sequence[Mapping[str, Any]], tensor_name: str, t: float) -> Any:
     """The value of one parameter for one tensor: the first source (model's own, then global) that sets it."""
+    from evomerge.merging.recipe import ConditionalValue
+
     for settings in sources:
         if param.name in settings:
-            value = evaluate_setting(settings[param.name], tensor_name, t)
+            setting = settings[param.name]
+            if param.type is list and isinstance(setting, list) and not any(
+                    isinstance(e, ConditionalValue) for e in setting):
+                return param.check(setting)  # a list-typed parameter is one value, not a gradient
+            value = evaluate_setting(setting, tensor_name, t)
             if value is not None:
                 return param.check(value)
     if param.required:
@@ -258,6 +272,18 @@ def _all_values(recipe: "Recipe", name: str, default: float) -> list[float]:
     values = [v for s in [recipe.parameters] + [m.parameters for m in recipe.models] if name in s
               for v in _scalars(s[name])]
     return [float(v) for v in values] or [default]
+
+
+def _piecewise_check(recipe: "Recipe") -> None:
+    breaks = recipe.parameters.get("breaks", [])
+    if not isinstance(breaks, list) or any(not float(b).is_integer() or b < 1 for b in breaks) or any(
+            b <= a for a, b in zip(breaks, breaks[1:])):
+        raise ValueError("parameters.breaks: give increasing whole flat offsets ≥ 1")
+    for i, m in enumerate(recipe.models):
+        weights = m.parameters.get("weights", recipe.parameters.get("weights"))
+        if not isinstance(weights, list) or len(weights) != len(breaks) + 1:
+            raise ValueError(f"models.{i}.parameters.weights: give one weight per segment ({len(breaks) + 1} "
+                             "numbers: len(breaks) + 1)")
 
 
 METHODS: dict[str, Method] = {}
@@ -320,6 +346,14 @@ for _m in (
             Param("k", int, 2, low=0, doc="Keep elements selected by at least k tasks' masks."),
             LAMBDA),
            min_models=2, mergekit=False),
+    Method("piecewise_linear", "M2N2 coefficient fields: a linear combination of the models per segment of the "
+           "flat parameter vector (Competition and Attraction Improve Model Fusion)",
+           "https://arxiv.org/abs/2508.16204",
+           (Param("weights", list, per_model=True, with_base=True,
+                  doc="One coefficient per segment (len(breaks) + 1 numbers)."),
+            Param("breaks", list, [], doc="Interior segment starts: increasing offsets in the flat vector (tensors "
+                  "sorted by name, each flattened row-major).")),
+           base="ignored", min_models=1, mergekit=False, base_in_models=True, extra_check=_piecewise_check),
     Method("layer_swap", "Layer Swapping for Zero-Shot Cross-Lingual Transfer in Large Language Models",
            "https://arxiv.org/abs/2410.01335",
            (Param("weight", float, per_model=True, with_base=True, search=(0.0, 1.0),

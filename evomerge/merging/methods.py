@@ -40,6 +40,8 @@ class TensorJob:
     seed: int
     precomputed: "Precomputed"
     out: torch.Tensor
+    flat_offset: int = -1  # where the tensor starts in the canonical flat vector (evomerge.merging.flat)
+    flat_size: int = 0  # the flat vector's length (all floating tensors)
 
     def delta(self, j: int) -> torch.Tensor:
         return self.deltas[self.rows[j]]
@@ -195,6 +197,38 @@ def _layer_swap(job: TensorJob) -> None:
     ops.weighted_sum(job.base, job.deltas, coefficients, 1.0, out=job.out)
 
 
+def _piecewise_linear(job: TensorJob) -> None:
+    """M2N2 coefficient fields (arXiv 2508.16204): on each segment ``[b_k, b_{k+1})`` of the flat vector,
+    ``θ = Σ_m w_{m,k} θ_m`` (the base too when listed) — written over task vectors as
+    ``(w_base,k + Σ_m w_{m,k}) θ_base + Σ_m w_{m,k} τ_m``, restricted to this tensor's slice."""
+    if job.flat_offset < 0:
+        raise ValueError("piecewise_linear needs the tensor's flat offset (merge through a ModelSet)")
+    breaks = [int(b) for b in job.params["breaks"]]
+    if breaks and breaks[-1] >= job.flat_size:
+        raise ValueError(f"piecewise_linear: break {breaks[-1]} is past the model's {job.flat_size} parameters")
+    model_weights = [p["weights"] for p in job.model_params]
+    base_weights = job.base_params["weights"] if job.base_params is not None else None
+    n = job.base.numel()
+    lo, hi = job.flat_offset, job.flat_offset + n
+    starts = [0, *breaks]
+    ends = [*breaks, job.flat_size]
+    out = job.out.view(-1)
+    base = job.base.reshape(-1)
+    deltas = job.deltas.reshape(job.deltas.shape[0], -1)
+    for k, (a, b) in enumerate(zip(starts, ends)):
+        a, b = max(a, lo), min(b, hi)
+        if a >= b:
+            continue
+        weights = [w[k] for w in model_weights]
+        coefficients = job.full_coefficients(weights)
+        total = sum(weights) + (base_weights[k] if base_weights is not None else 0.0)
+        piece = out[a - lo:b - lo]
+        torch.mul(base[a - lo:b - lo], total, out=piece)
+        for row, c in enumerate(coefficients):
+            if c != 0.0:
+                piece.add_(deltas[row, a - lo:b - lo], alpha=c)
+
+
 KERNELS: dict[str, Kernel] = {
     "linear": _linear,
     "task_arithmetic": _task_arithmetic,
@@ -211,6 +245,7 @@ KERNELS: dict[str, Kernel] = {
     "lines": _lines,
     "consensus": _consensus,
     "layer_swap": _layer_swap,
+    "piecewise_linear": _piecewise_linear,
 }
 assert set(KERNELS) == set(METHODS), "every declared method needs a kernel"
 

@@ -59,6 +59,13 @@ class ModelSet:
         self.device = device
         self.layout: Layout = layout(base.keys(), config)
         self.precomputed = Precomputed()
+        # The canonical flat order (evomerge.merging.flat): floating tensors sorted by name, row-major.
+        self.flat_offsets: dict[str, int] = {}
+        offset = 0
+        for name in sorted(deltas):
+            self.flat_offsets[name] = offset
+            offset += base[name].numel()
+        self.flat_size = offset
 
     # -- loading --------------------------------------------------------------------------------------------
 
@@ -215,7 +222,7 @@ class ModelSet:
                 direct = out.dtype == base.dtype and out.is_contiguous() and out.device == base.device
                 job = TensorJob(name, place, num_layers, base, self.deltas[name], bound.rows, model_params,
                                 base_params, params, recipe.seed, self.precomputed,
-                                out if direct else torch.empty_like(base))
+                                out if direct else torch.empty_like(base), self.flat_offsets[name], self.flat_size)
                 try:
                     bound.method.kernel(job)
                 except ValueError as e:  # a parameter combination the operator cannot use (weights summing to 0)

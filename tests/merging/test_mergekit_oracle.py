@@ -869,6 +869,10 @@ def test_export_refuses_what_mergekit_cannot_express(llama_family: Family) -> No
         "layer_swap": Recipe(merge_method="layer_swap", base_model="base", sources=src,
                              models=[ModelEntry(model="e0", parameters={"weight": [1.0, 0.0]}),
                                      ModelEntry(model="e1", parameters={"weight": [0.0, 1.0]})]),
+        "piecewise_linear": Recipe(merge_method="piecewise_linear", base_model="base", sources=src,
+                                   parameters={"breaks": [10]},
+                                   models=[ModelEntry(model="e0", parameters={"weights": [1.0, 0.0]}),
+                                           ModelEntry(model="e1", parameters={"weights": [0.0, 1.0]})]),
     }
     assert set(own) == set(OWN_METHODS), "a new method without mergekit form needs a refusal case here"
     scaled = Recipe(merge_method="passthrough", sources=src,
