@@ -139,19 +139,32 @@ def recipe_convert(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write here instead of stdout."),
 ) -> None:
     """Convert a recipe between our JSON and mergekit YAML."""
-    fmt = {"mergekit": "mergekit", "yaml": "mergekit", "json": "json"}.get(to.lower())
+    fmt = _recipe_format(to, "--to")
+    _emit_recipe(_load_recipe(file), fmt, output, what="", where="--to")
+
+
+def _recipe_format(name: str, option: str) -> str:
+    """``mergekit`` (also ``yaml``) or ``json``; anything else is a one-line error naming ``option``."""
+    fmt = {"mergekit": "mergekit", "yaml": "mergekit", "json": "json"}.get(name.lower())
     if fmt is None:
-        raise UserError(f"unknown format {to!r}; use mergekit or json", where="--to")
-    parsed = _load_recipe(file)
-    text = parsed.to_mergekit_yaml() if fmt == "mergekit" else parsed.to_json() + "\n"
+        raise UserError(f"unknown format {name!r}; use mergekit or json", where=option)
+    return fmt
+
+
+def _emit_recipe(parsed: Recipe, fmt: str, output: Path | None, *, what: str, where: str) -> None:
+    """A recipe as mergekit YAML or our JSON, on stdout or into ``output``; ``what`` names it in the message."""
+    from evomerge.errors import RecipeError
+
+    try:
+        text = parsed.to_mergekit_yaml() if fmt == "mergekit" else parsed.to_json() + "\n"
+    except RecipeError as e:
+        raise UserError(f"{what or 'this recipe'} cannot be written as mergekit YAML ({e.detail}); use json",
+                        where=where) from None
     if output is None:
         sys.stdout.write(text)
         return
-    try:
-        output.write_text(text)
-    except OSError as e:
-        raise UserError(f"cannot write {output}: {e.strerror}", where="--output") from None
-    console.print(f"wrote {escape(str(output))}", highlight=False)
+    _write(output, text)
+    console.print(f"wrote {what + ' to ' if what else ''}{escape(str(output))}", highlight=False)
 
 
 @testbed_app.command("build")
@@ -184,7 +197,21 @@ _JSON = typer.Option(False, "--json", help="Print one JSON document on stdout in
 _BEDS = ("digits", "tinylm")
 
 
+def _check_id(value: int | None) -> int | None:
+    """Search ids are SQL integers: a number outside 0..2^63-1 is no id (one line, exit 2; not an overflow)."""
+    from evomerge.service.results import MAX_ID
+
+    if value is not None and not 0 <= value <= MAX_ID:
+        raise UserError(f"{value} is not a search id (ids run from 1 to {MAX_ID}; see `evomerge list`)", where="ID")
+    return value
+
+
+def _id_argument(help: str | None = None) -> Any:
+    return typer.Argument(..., metavar="ID", help=help, callback=_check_id)
+
+
 def _store(db: str | None) -> Any:
+    """The database of ``--db`` (migrated on open); use it as ``with _store(db) as store:``."""
     from evomerge.storage import Store
 
     return Store(db)
@@ -258,21 +285,37 @@ def _duration(seconds: float) -> str:
 
 
 def _drive(store: Any, search_id: int, spec: Any, executor: Any, *, prepared: Any = None,
-           references: bool = False) -> Any:
-    """Run or resume a search in this process with a progress bar; returns the runner's result. A runner that
-    cannot resume exactly (or breaks otherwise) has marked the row failed: one line, exit code 1."""
-    from evomerge.service.runner import ResumeError, run_search, score_references
+           references: bool = False, as_json: bool = False, take_over: bool = False) -> Any:
+    """Run or resume a search in this process with a progress bar; returns the runner's result.
+
+    A search that could not run to its end says so in one line on stderr (with ``--json`` the summary document
+    still goes to stdout): exit 1 when it failed (a resume that cannot be exact, every candidate failed), was
+    not started (it is done, or cancelled meanwhile) or was taken over by another runner; exit 130 after Ctrl-C,
+    which leaves it ``cancelled (interrupted)`` for a resume."""
+    from evomerge.service.runner import ResumeError, SearchFailedError, run_search, score_references
+    from evomerge.storage.repository import LostOwnershipError
+
+    def stop(message: str, code: int) -> typer.Exit:
+        err.print(f"[red]error:[/red] search {search_id}: {escape(message)}", highlight=False)
+        if as_json:
+            _report(store, search_id, True)
+        return typer.Exit(code)
 
     if references:
         score_references(store, search_id, executor=executor, spec=spec)
     try:
         with _RunDisplay(spec.objective_names) as display:
-            return run_search(store, search_id, executor=executor, progress=display, prepared=prepared)
-    except ResumeError as e:
-        err.print(f"[red]error:[/red] search {search_id}: {escape(str(e))}", highlight=False)
-        raise typer.Exit(1) from None
-
-
+            result = run_search(store, search_id, executor=executor, progress=display, prepared=prepared,
+                                take_over=take_over)
+    except (ResumeError, LostOwnershipError) as e:
+        raise stop(str(e), 1) from None
+    except SearchFailedError as e:
+        raise stop(e.detail, 1) from None
+    except KeyboardInterrupt:
+        raise stop(f"cancelled (interrupted); `evomerge resume {search_id}` continues it", 130) from None
+    if result.stop_reason and result.stop_reason.startswith("not started"):
+        raise stop(result.stop_reason, 1)
+    return result
 def _report(store: Any, search_id: int, as_json: bool, *, front_rows: int = 10) -> None:
     """The end of `run`, `resume` and `status`: one JSON document, or a summary and the front as tables."""
     from evomerge.service.results import summarize
@@ -327,15 +370,14 @@ def _front_table(summary: Any, *, limit: int | None = None) -> Table:
         values = ref.get("values") or {}
         if not values:
             continue
-        row_values = [[values.get(n, float("nan")) for n in names]]
-        score = float(summary.scoring.scores(row_values)[0])
+        score = ref.get("score")
         cells = [f"expert {escape(ref['name'])}"]
         for name in names:
             cells.append(f"{values.get(name, float('nan')):.4f}")
             if holdout:
                 h = (ref.get("holdout") or {}).get(name)
                 cells.append("-" if h is None else f"{h:.4f}")
-        cells.append(f"{score:.4f}")
+        cells.append("-" if score is None else f"{score:.4f}")
         table.add_row(*cells, style="dim")
     if limit is not None and len(summary.front) > limit:
         table.caption = f"{len(summary.front) - limit} more: evomerge front {summary.search_id}"
@@ -348,7 +390,7 @@ def run(
     db: Optional[str] = _DB,
     executor: str = _EXECUTOR,
     ray_address: Optional[str] = _RAY,
-    resume_id: Optional[int] = typer.Option(None, "--resume", metavar="ID",
+    resume_id: Optional[int] = typer.Option(None, "--resume", metavar="ID", callback=_check_id,
                                             help="Resume search ID instead of starting one (SPEC not needed)."),
     as_json: bool = _JSON,
 ) -> None:
@@ -366,17 +408,14 @@ def run(
     _check_beds(spec)
     _quiet_transformers()
     prepared = prepare(spec)
-    store = _store(db)
-    try:
+    with _store(db) as store:
         with _make_executor(spec, executor, ray_address) as pool:  # started before the row exists
             search_id = submit(store, spec, str(spec_file.absolute()), prepared=prepared)
             if not as_json:
                 err.print(f"search {search_id} ({escape(spec.name)}): {spec.algorithm.name}, "
                           f"{spec.budget.evaluations} evaluations", highlight=False)
-            _drive(store, search_id, spec, pool, prepared=prepared)
+            _drive(store, search_id, spec, pool, prepared=prepared, as_json=as_json)
         _report(store, search_id, as_json)
-    finally:
-        store.close()
 
 
 def _resume(search_id: int, db: str | None, executor: str, ray_address: str | None, as_json: bool,
@@ -384,30 +423,29 @@ def _resume(search_id: int, db: str | None, executor: str, ray_address: str | No
     from evomerge.service.results import search_row, spec_of
     from evomerge.service.runner import live_runner
 
+    from evomerge.storage.repository import SearchBusyError
+
     _executor_kind(executor)
-    store = _store(db)
-    try:
+    with _store(db) as store:
         row = search_row(store, search_id)
         if row.status == "done":
             raise UserError(f"search {search_id} is done; there is nothing to resume", where="ID")
         alive = None if force else live_runner(store, search_id)
         if alive:
-            raise UserError(f"search {search_id} is running: {alive}; cancel it first (evomerge cancel "
-                            f"{search_id}) or pass --force", where="ID")
+            raise SearchBusyError(f"search {search_id} is {row.status}: {alive}; cancel it first (evomerge "
+                                  f"cancel {search_id}) or pass --force", where="ID")
         spec = spec_of(row)
         _quiet_transformers()
         if not as_json:
             err.print(f"resuming search {search_id} ({escape(row.name)})", highlight=False)
         with _make_executor(spec, executor, ray_address) as pool:
-            _drive(store, search_id, spec, pool)
+            _drive(store, search_id, spec, pool, as_json=as_json, take_over=force)
         _report(store, search_id, as_json)
-    finally:
-        store.close()
 
 
 @app.command()
 def resume(
-    search_id: int = typer.Argument(..., metavar="ID", help="The search to resume."),
+    search_id: int = _id_argument("The search to resume."),
     db: Optional[str] = _DB,
     executor: str = _EXECUTOR,
     ray_address: Optional[str] = _RAY,
@@ -427,8 +465,7 @@ def list_searches(
     as_json: bool = _JSON,
 ) -> None:
     """List the searches in the database."""
-    store = _store(db)
-    try:
+    with _store(db) as store:
         rows = store.list_searches(status=status, limit=limit)
         if as_json:
             sys.stdout.write(json.dumps([{"id": r.id, "name": r.name, "status": r.status, "algorithm": r.algorithm,
@@ -449,85 +486,56 @@ def list_searches(
                           str(c.get("failed", 0)), str(c.get("pending", 0)), str(r.budget),
                           r.created_at.strftime("%Y-%m-%d %H:%M") if r.created_at else "-")
         console.print(table)
-    finally:
-        store.close()
 
 
 @app.command()
 def status(
-    search_id: int = typer.Argument(..., metavar="ID"),
+    search_id: int = _id_argument(),
     db: Optional[str] = _DB,
     as_json: bool = _JSON,
 ) -> None:
     """A search's status, counts, best candidate and front."""
-    store = _store(db)
-    try:
+    with _store(db) as store:
         _report(store, search_id, as_json)
-    finally:
-        store.close()
 
 
 @app.command()
 def cancel(
-    search_id: int = typer.Argument(..., metavar="ID"),
+    search_id: int = _id_argument(),
     db: Optional[str] = _DB,
 ) -> None:
-    """Ask a running search to stop: its runner stops dispatching within seconds (resume continues it)."""
+    """Ask a running search to stop: its runner stops dispatching within seconds (resume continues it). A search
+    whose runner is gone is cancelled at once."""
     from evomerge.service.results import search_row
 
-    store = _store(db)
-    try:
+    with _store(db) as store:
         row = search_row(store, search_id)
         if row.status in ("done", "failed", "cancelled"):
             console.print(f"search {search_id} is already {row.status}")
             return
-        new = store.request_cancel(search_id)
-        console.print(f"search {search_id}: {new}")
-    finally:
-        store.close()
+        console.print(f"search {search_id}: {store.request_cancel(search_id)}")
 
 
 @recipe_app.command("export")
 def recipe_export(
-    search_id: int = typer.Argument(..., metavar="ID", help="The search."),
+    search_id: int = _id_argument("The search."),
     candidate: str = typer.Option("best", "--candidate", metavar="CID|best", help="A candidate id, or best."),
     fmt: str = typer.Option("mergekit", "--format", help="mergekit (YAML) or json."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write here instead of stdout."),
     db: Optional[str] = _DB,
 ) -> None:
     """Export a candidate's recipe (default: the best) as mergekit YAML or our JSON."""
-    from evomerge.errors import RecipeError
     from evomerge.service.results import candidate_recipe
 
-    kind = {"mergekit": "mergekit", "yaml": "mergekit", "json": "json"}.get(fmt.lower())
-    if kind is None:
-        raise UserError(f"unknown format {fmt!r}; use mergekit or json", where="--format")
-    store = _store(db)
-    try:
+    kind = _recipe_format(fmt, "--format")
+    with _store(db) as store:
         index, parsed = candidate_recipe(store, search_id, candidate)
-    finally:
-        store.close()
-    if kind == "mergekit":
-        try:
-            text = parsed.to_mergekit_yaml()
-        except RecipeError as e:
-            raise UserError(f"candidate {index}'s recipe cannot be written as mergekit YAML ({e.detail}); use "
-                            "--format json", where="--format") from None
-    else:
-        text = parsed.to_json() + "\n"
-    if output is None:
-        sys.stdout.write(text)
-        return
-    try:
-        output.write_text(text)
-    except OSError as e:
-        raise UserError(f"cannot write {output}: {e.strerror}", where="--output") from None
-    console.print(f"wrote candidate {index}'s recipe to {escape(str(output))}", highlight=False)
+    _emit_recipe(parsed, kind, output, what=f"candidate {index}'s recipe", where="--format")
 
 
 @app.command()
 def front(
-    search_id: int = typer.Argument(..., metavar="ID"),
+    search_id: int = _id_argument(),
     output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="FILE.png|FILE.csv",
                                           help="Write the front as a CSV table or a PNG plot."),
     db: Optional[str] = _DB,
@@ -536,19 +544,14 @@ def front(
     """The Pareto front of a search: a table, a CSV file or a picture."""
     from evomerge.service.results import summarize
 
-    store = _store(db)
-    try:
+    with _store(db) as store:
         summary = summarize(store, search_id)
         points = None
         if output is not None and output.suffix.lower() == ".png":
             points = [(r.index, r.values) for r in store.candidates(search_id, status="done")
                       if r.reused_from is None]
-    finally:
-        store.close()
-    if as_json:
-        doc = summary.to_dict()
-        sys.stdout.write(json.dumps({"id": doc["id"], "objectives": doc["objectives"], "best": doc["best"],
-                                    "front": doc["front"], "references": doc["references"]}, indent=2) + "\n")
+    if as_json:  # the same document as `status --json`
+        sys.stdout.write(json.dumps(summary.to_dict(), indent=2) + "\n")
         return
     if output is None:
         console.print(_front_table(summary))
@@ -596,11 +599,8 @@ def _write(path: Path, text: str) -> None:
 @db_app.command("upgrade")
 def db_upgrade(db: Optional[str] = _DB) -> None:
     """Create or migrate the database schema to the latest version."""
-    store = _store(db)  # opening migrates
-    try:
+    with _store(db) as store:  # opening migrates
         console.print(f"database ready: {escape(_safe_url(store))}", highlight=False)
-    finally:
-        store.close()
 
 
 def _safe_url(store: Any) -> str:
@@ -672,8 +672,7 @@ def demo(
     spec_path.write_text(yaml.safe_dump(data, sort_keys=False))
     spec = JobSpec.from_dict(data, where=str(spec_path))
     prepared = prepare(spec)
-    store = _store(db)
-    try:
+    with _store(db) as store:
         with _make_executor(spec, executor, ray_address) as pool:
             search_id = submit(store, spec, str(spec_path), prepared=prepared)
             err.print(f"search {search_id}: {algorithm} over a TIES merge of two digits experts (0-4 and 5-9), "
@@ -684,8 +683,6 @@ def demo(
         if summary.best is None:
             raise UserError(f"search {search_id} ended ({result.status}) without a successful candidate")
         index, best = candidate_recipe(store, search_id, "best")
-    finally:
-        store.close()
     yaml_path, json_path = out / "best-recipe.yml", out / "best-recipe.json"
     yaml_path.write_text(best.to_mergekit_yaml())
     json_path.write_text(best.to_json() + "\n")
@@ -696,7 +693,7 @@ def demo(
                   + ", ".join(f"{n} {m:.4f}" for n, m in means.items()) + ")", highlight=False)
     console.print(f"best recipe: {escape(str(yaml_path))} (mergekit) and {escape(str(json_path))}", highlight=False)
     console.print(f"see it later: evomerge status {search_id} · evomerge front {search_id} -o front.png · "
-                  f"evomerge serve, then http://127.0.0.1:8000/searches/{search_id}", highlight=False)
+                  f"evomerge recipe {search_id} --candidate best", highlight=False)
 
 
 

@@ -403,7 +403,9 @@ def test_demo(ws: Workspace) -> None:
     assert recipe.merge_method == "ties"
     assert Recipe.load(ws.root / "demo" / "best-recipe.json").merge_method == "ties"
     assert "Pareto front" in r.stdout and "expert low" in r.stdout and "expert high" in r.stdout
-    assert "evomerge serve" in r.stdout and "/searches/1" in r.stdout
+    # only commands that exist are suggested
+    assert "evomerge serve" not in r.stdout and "evomerge status 1" in r.stdout
+    assert "evomerge recipe 1 --candidate best" in r.stdout
     with Store(f"sqlite:///{ws.root / 'data' / 'evomerge.db'}") as store:
         summary = summarize(store, 1)
     assert summary.row.status == "done" and summary.row.counts["done"] == 48

@@ -3,13 +3,14 @@
 One place computes them for the CLI (``status``, ``front``, ``recipe``, ``--json``) and, later, the REST API and
 the dashboard. The front is over the candidates' search scores (``done`` rows scored by a worker; rows that
 reuse an identical recipe's scores are left out, they would repeat a point); the best is the front member with
-the highest score under the spec's ``scalarize`` rule (ties: the earliest). Torch-free.
+the highest score under the spec's ``scalarize`` rule (ties: the earliest). :func:`rank_front` is that one
+definition; the runner uses it too (progress, events, checkpoint reports, holdout choice). Torch-free.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from evomerge.spec import DEFAULT_METRIC, JobSpec
 if TYPE_CHECKING:
     from evomerge.storage import Store
 
+MAX_ID = 2**63 - 1  # ids are SQL BIGINT at most: a larger number is no id (and would overflow the driver)
 REFERENCE_EVENT = "reference"  # an expert scored alone, stored as an event: {"name", "values", "holdout"}
 
 
@@ -111,6 +113,21 @@ class Summary:
         }
 
 
+def rank_front(F: Any, indices: Sequence[int], scoring: Scoring) -> tuple[list[int], np.ndarray]:
+    """The Pareto front of the rows of objective values ``F`` (candidate ids ``indices``) in report order, and
+    every row's score: (positions of the non-dominated rows sorted by score, highest first, ties by candidate
+    id; scores). The best candidate is the first front member with a finite score — with ``scalarize: min`` a
+    dominated candidate can tie the best score, and it is never the best."""
+    F = np.asarray(F, dtype=np.float64).reshape(len(indices), len(scoring.objectives))
+    if not len(indices):
+        return [], np.zeros(0)
+    scores = scoring.scores(F)
+    keep = non_dominated(F, [o.direction for o in scoring.objectives])
+    order = sorted((int(i) for i in keep),
+                   key=lambda i: (-scores[i] if np.isfinite(scores[i]) else np.inf, indices[i]))
+    return order, scores
+
+
 def _iso(moment: Any) -> str | None:
     return None if moment is None else moment.isoformat()
 
@@ -132,19 +149,22 @@ def summarize(store: "Store", search_id: int) -> Summary:
     row = search_row(store, search_id)
     scoring = Scoring.of(row.spec)
     names = scoring.names
-    directions = [o.direction for o in scoring.objectives]
     rows = [r for r in store.candidates(search_id, status="done", order_by="index", descending=False)
             if r.reused_from is None]
-    points: list[Point] = []
-    if rows:
-        F = np.array([[_value(r.values, n) for n in names] for r in rows], dtype=np.float64)
-        scores = scoring.scores(F)
-        keep = non_dominated(F, directions)
-        points = [Point(rows[i].index, {n: float(F[i, k]) for k, n in enumerate(names)},
-                        dict(rows[i].holdout) if rows[i].holdout else None, float(scores[i])) for i in keep]
-    best = max(points, key=lambda p: (p.score, -p.index)) if points else None
-    references = [dict(_event_data(e)) for e in store.events(search_id) if _event_kind(e) == REFERENCE_EVENT]
-    return Summary(search_id, row, scoring, best, sorted(points, key=lambda p: [-p.score, p.index]), references)
+    F = np.array([[_value(r.values, n) for n in names] for r in rows], dtype=np.float64)
+    order, scores = rank_front(F, [r.index for r in rows], scoring)
+    points = [Point(rows[i].index, {n: float(F[i, k]) for k, n in enumerate(names)},
+                    dict(rows[i].holdout) if rows[i].holdout else None, float(scores[i])) for i in order]
+    best = next((p for p in points if np.isfinite(p.score)), None)
+    references = []
+    for event in store.events(search_id):
+        if event_kind(event) == REFERENCE_EVENT:
+            reference = dict(event_data(event))
+            values = reference.get("values") or {}
+            reference["score"] = (float(scoring.scores([[_value(values, n) for n in names]])[0])
+                                  if values else None)
+            references.append(reference)
+    return Summary(search_id, row, scoring, best, points, references)
 
 
 def _value(values: Mapping[str, float] | None, name: str) -> float:
@@ -152,11 +172,13 @@ def _value(values: Mapping[str, float] | None, name: str) -> float:
     return np.nan if value is None else float(value)
 
 
-def _event_kind(event: Any) -> str:
+def event_kind(event: Any) -> str:
+    """An event's kind, from a stored row or a plain dict."""
     return event["kind"] if isinstance(event, Mapping) else event.kind
 
 
-def _event_data(event: Any) -> Mapping[str, Any]:
+def event_data(event: Any) -> Mapping[str, Any]:
+    """An event's data, from a stored row or a plain dict (``{}`` when it has none)."""
     return (event["data"] if isinstance(event, Mapping) else event.data) or {}
 
 
@@ -174,6 +196,8 @@ def candidate_recipe(store: "Store", search_id: int, candidate: str | int = "bes
             index = int(candidate)
         except ValueError:
             raise UserError(f"{candidate!r} is neither a candidate id nor 'best'", where="--candidate") from None
+        if not 0 <= index <= MAX_ID:
+            raise UserError(f"{candidate!r} is not a candidate id (0 to {MAX_ID})", where="--candidate")
         search_row(store, search_id)
     row = store.candidate(search_id, index)
     if row is None:
@@ -184,5 +208,5 @@ def candidate_recipe(store: "Store", search_id: int, candidate: str | int = "bes
     return index, Recipe.model_validate_json(row.recipe)
 
 
-__all__ = ["REFERENCE_EVENT", "Objective", "Point", "Scoring", "Summary", "candidate_recipe", "search_row", "spec_of",
-           "summarize"]
+__all__ = ["MAX_ID", "REFERENCE_EVENT", "Objective", "Point", "Scoring", "Summary", "candidate_recipe", "event_data",
+           "event_kind", "rank_front", "search_row", "spec_of", "summarize"]

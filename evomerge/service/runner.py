@@ -26,7 +26,12 @@ Guarantees:
   the end. They are reported beside the search scores and never reach the optimizer.
 * **Cancel** (``evomerge cancel``, another process) sets the row to ``cancelling``; a watcher thread polls the
   row every :data:`POLL_S` second(s) (and heartbeats it) and dispatch stops. Pending rows stay pending, so a
-  resume redoes them.
+  resume redoes them. A search whose runner is gone is cancelled at once (:meth:`Store.request_cancel`).
+* **One runner per search.** :meth:`Store.start_search` records this runner's owner token (host, pid, uuid) and
+  takes a ``running``/``cancelling`` row over only from a runner that is gone (process dead on this host, or
+  heartbeat older than ``STALE_AFTER_S``); heartbeats and status writes check the token, and a runner whose
+  search was taken over stops and raises :class:`~evomerge.storage.repository.LostOwnershipError`.
+* **Wall time** ends a search ``done``; candidates asked but never told are deleted, so it has no pending rows.
 
 The runner depends on the storage repository (:mod:`evomerge.storage`), the executors (:mod:`evomerge.workers`)
 and the torch-free search package; it loads the model set only to measure the space.
@@ -35,7 +40,6 @@ and the torch-free search package; it loads the model set only to measure the sp
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import socket
 import threading
@@ -46,8 +50,10 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import numpy as np
 
 from evomerge.errors import UserError
-from evomerge.search import OPTIMIZERS, Optimizer, Problem, Space, non_dominated, scalarize
+from evomerge.search import OPTIMIZERS, Optimizer, Problem, Space
+from evomerge.service.results import Scoring, rank_front
 from evomerge.spec import JobSpec, SpecError
+from evomerge.storage.repository import LostOwnershipError, new_owner, runner_alive
 
 if TYPE_CHECKING:
     from evomerge.merging import ModelSet, Recipe
@@ -57,10 +63,16 @@ POLL_S = 1.0  # how often the watcher reads the row (cancel requests) at most
 HEARTBEAT_S = 5.0  # how often the watcher heartbeats the row (the contract: at least every 10 s)
 HOLDOUT_EVERY_S = 20.0  # holdout scoring at most this often (or every HOLDOUT_EVERY_FRACTION of the budget)
 HOLDOUT_EVERY_FRACTION = 0.1
-STALE_AFTER_S = 30.0  # a `running` row without heartbeat for this long has no live runner
 STEADY_STATE = frozenset({"m2n2"})  # optimizers whose ask(n) takes any n without replacing in-flight genomes
 CHECKPOINT_FORMAT = 1
 WRITE_EVERY_S = 0.1  # results arriving faster than this share a transaction
+
+
+class SearchFailedError(UserError):
+    """A search that cannot go on or produced nothing: a hybrid stage without one successful candidate, every
+    candidate failed. The row is marked ``failed`` with this message; the CLI prints it as one line, exit 1."""
+
+    exit_code = 1
 
 
 class ResumeError(RuntimeError):
@@ -112,11 +124,41 @@ def prepare(spec: JobSpec, *, check_data: bool = True) -> Prepared:
     except (ModelMismatchError, CheckpointError) as e:
         raise SpecError(e.detail, where=_spec_where(e.where)) from None
     space = space_for(spec, model_set)
+    check_stages(spec, model_set, space)
     if check_data:
         evaluator = Evaluator(model_set, spec.objectives, device="cpu")
         evaluator.check("data")
         evaluator.check("holdout")
     return Prepared(spec, model_set, space)
+
+
+def check_stages(spec: JobSpec, model_set: "ModelSet", space: Space) -> None:
+    """Decode each stage's default genome (x0) and bind it to the loaded models, so a space the models cannot run
+    (a layer path through an MLP, whose layers differ in shape) is refused before the search starts, instead of
+    every candidate failing. Raises :class:`SpecError` at ``space.kind``."""
+    from evomerge.errors import RecipeError
+    from evomerge.merging.mlp import is_mlp_config
+    from evomerge.service.spaces import decode
+
+    previous = None
+    for k, budget in enumerate(space.stage_budgets(spec.budget.evaluations), start=1):
+        if budget <= 0:
+            break
+        stage = space.stage(k, previous)
+        x0 = getattr(stage, "x0", None)
+        x0 = (np.asarray(stage.lower) + np.asarray(stage.upper)) / 2 if x0 is None else x0
+        decoded = decode(stage, np.asarray(x0, dtype=np.float64))
+        if isinstance(decoded, np.ndarray):
+            continue
+        try:
+            model_set.bind(decoded)
+            config = model_set.merged_config(decoded)
+        except (RecipeError, ValueError) as e:
+            raise SpecError(f"a {spec.space.kind} search cannot merge these models: {e}", where="space.kind") from None
+        if decoded.path and (config is None or is_mlp_config(config)):
+            raise SpecError(f"a {spec.space.kind} search stacks transformer layers (a layer path), and these models "
+                            "have none (an MLP, or no config.json); use kind: parameter", where="space.kind")
+        previous = decoded
 
 
 def submit(store: "Store", spec: JobSpec, spec_path: str | None = None, *,
@@ -219,10 +261,12 @@ class _Known:
 class _Watch:
     """A thread that heartbeats the row and notices cancel requests, so neither waits for a slow candidate."""
 
-    def __init__(self, store: "Store", search_id: int) -> None:
+    def __init__(self, store: "Store", search_id: int, owner: str) -> None:
         self.store = store
         self.search_id = search_id
+        self.owner = owner
         self.cancelled = threading.Event()
+        self.lost = threading.Event()  # another runner took the search over: stop, write nothing more
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"evomerge-watch-{search_id}", daemon=True)
         self.error: BaseException | None = None
@@ -236,15 +280,21 @@ class _Watch:
         self._thread.join(timeout=10)
 
     def _loop(self) -> None:
+        from evomerge.storage.repository import LostOwnershipError
+
         last_beat = time.monotonic()
         while not self._halt.wait(POLL_S):
             try:
                 row = self.store.get_search(self.search_id)
-                if row is None or row.status in ("cancelling", "cancelled"):
+                if row is not None and row.owner != self.owner:
+                    self.lost.set()
+                elif row is None or row.status in ("cancelling", "cancelled"):
                     self.cancelled.set()
                 if time.monotonic() - last_beat >= HEARTBEAT_S:
-                    self.store.heartbeat(self.search_id)
+                    self.store.heartbeat(self.search_id, owner=self.owner)
                     last_beat = time.monotonic()
+            except LostOwnershipError:
+                self.lost.set()
             except Exception as e:  # a database hiccup must not kill the search; the next poll retries
                 self.error = e
 
@@ -257,8 +307,10 @@ class Runner:
 
     def __init__(self, store: "Store", search_id: int, *, executor: Any,
                  progress: Callable[[RunProgress], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None, prepared: Prepared | None = None) -> None:
+                 should_stop: Callable[[], bool] | None = None, prepared: Prepared | None = None,
+                 take_over: bool = False) -> None:
         self.store = store
+        self.take_over = take_over
         self.search_id = search_id
         self.executor = executor
         self.progress = progress
@@ -279,7 +331,10 @@ class Runner:
         self.by_hash: dict[str, _Known] = {}
         self.front: list[_Known] = []
         self.best: _Known | None = None
-        self.best_score = -math.inf
+        self.best_score: float | None = None
+        self.scoring = Scoring.of(self.spec.model_dump(mode="json"))
+        self.owner = new_owner()
+        self.next_index = 0  # the first candidate index not told yet (everything before it is checkpointed)
         self.holdout_done: set[int] = set()
         self.evaluated = 0
         self.evaluated_here = 0
@@ -298,29 +353,44 @@ class Runner:
         if self.prepared is None:
             self.prepared = prepare(self.spec, check_data=False)
         space = self.prepared.space
-        # Compare-and-set from the status this runner was built on: a cancel that came meanwhile wins.
-        status_now = store.start_search(sid, from_status=self.row.status)
+        # Compare-and-set from the status this runner was built on: a cancel that came meanwhile wins, and a
+        # search a live runner holds raises SearchBusyError (two resumes of one search: one wins).
+        status_now = store.start_search(sid, owner=self.owner, from_status=self.row.status,
+                                        **({"stale_after": 0.0} if self.take_over else {}))
         if status_now != "running":
             return RunResult(sid, status_now, f"not started: the search is {status_now}", 0)
-        store.add_event(sid, "started", {"pid": os.getpid(), "host": socket.gethostname(),
+        store.add_event(sid, "started", {"pid": os.getpid(), "host": socket.gethostname(), "owner": self.owner,
                                          "executor": type(self.executor).__name__,
                                          "workers": int(getattr(self.executor, "workers", 1))})
         try:
-            with _Watch(store, sid) as self.watch:
+            with _Watch(store, sid, self.owner) as self.watch:
                 status = self._loop(space)
+                if status == "done" and self.best is None and self.evaluated > 0:
+                    raise SearchFailedError(self._all_failed())
         except KeyboardInterrupt:
-            store.set_status(sid, "cancelled", stop_reason="interrupted")
-            store.add_event(sid, "finished", {"status": "cancelled", "stop_reason": "interrupted"})
+            self._finish("cancelled", stop_reason="interrupted")
+            raise
+        except LostOwnershipError:
             raise
         except BaseException as e:
-            store.set_status(sid, "failed", error=one_line(e))
-            store.add_event(sid, "finished", {"status": "failed", "error": one_line(e)})
+            self._finish("failed", error=one_line(e) if not isinstance(e, UserError) else str(e))
             raise
-        store.set_status(sid, status, stop_reason=self.stop_reason)
-        store.add_event(sid, "finished", {"status": status, "stop_reason": self.stop_reason,
-                                          "evaluated": self.evaluated,
-                                          "best": None if self.best is None else self.best.index})
+        if self.watch.lost.is_set():
+            raise LostOwnershipError(sid, store.get_search(sid).owner)
+        self._finish(status, stop_reason=self.stop_reason, evaluated=self.evaluated,
+                     best=None if self.best is None else self.best.index)
         return RunResult(sid, status, self.stop_reason, self.evaluated)
+
+    def _finish(self, status: str, **data: Any) -> None:
+        """The last write of this runner: the status (only while it still holds the search) and its event."""
+        self.store.set_status(self.search_id, status, owner=self.owner, error=data.get("error"),
+                              stop_reason=data.get("stop_reason"))
+        self.store.add_event(self.search_id, "finished", {"status": status, **data})
+
+    def _all_failed(self) -> str:
+        first = next((r for r in self.store.candidates(self.search_id, status="failed", limit=1)), None)
+        why = "" if first is None or not first.error else f"; the first (candidate {first.index}): {first.error}"
+        return f"every candidate of search {self.search_id} failed ({self.evaluated}){why}"
 
     def _loop(self, space: Space) -> str:
         self._load_known()
@@ -333,6 +403,7 @@ class Runner:
                 raise ResumeError(f"the search cannot be resumed exactly: checkpoint format "
                                   f"{state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
             stage_no, stage_start = int(state["stage"]), int(state["stage_start"])
+            self.next_index = int(checkpoint.told)
             previous = self._recipe(state.get("previous"))
             self.elapsed_before = float(state.get("elapsed_s", 0.0))
             stage = self._stage(space, stage_no, previous)
@@ -350,8 +421,9 @@ class Runner:
                                                                "budget": stage_budget, "dim": stage.dim,
                                                                "first_index": stage_start})
             while not opt.done:
-                if self._should_stop():
-                    return self._stopped_status()
+                reason = self._stop_reason()
+                if reason is not None:
+                    return self._stopped_status(reason)
                 remaining = stage_budget - opt.num_told
                 if opt.name in STEADY_STATE:
                     genomes = opt.ask(min(self.spec.resources.workers, remaining))
@@ -362,7 +434,7 @@ class Runner:
                 first = stage_start + opt.num_told
                 entries = self._enter(stage, stage_no, first, genomes)
                 if not self._dispatch(entries):
-                    return self._stopped_status()
+                    return self._stopped_status(self._stop_reason() or "stopped")
                 opt.tell([e.genome for e in entries],
                          [[None] * len(self.names) if e.status != "done" else [e.values.get(n) for n in self.names]
                           for e in entries],
@@ -371,6 +443,7 @@ class Runner:
                 self.store.save_checkpoint(self.search_id, told=first + len(entries),
                                            state=self._state(stage_no, stage_start, previous, opt),
                                            report=self._report(opt, stage_no, len(budgets)))
+                self.next_index = first + len(entries)
                 self._maybe_holdout()
                 self._report_progress(stage_no, len(budgets))
             if opt.stop_reason and stage_no == len(budgets):
@@ -381,8 +454,9 @@ class Runner:
             stage_no += 1
             opt = None
             if stage_no <= len(budgets) and previous is None:
-                raise RuntimeError(f"stage {stage_no - 1} ended without a successful candidate; stage {stage_no} "
-                                   "needs its best recipe")
+                raise SearchFailedError(
+                    f"stage {stage_no - 1} of search {self.search_id} ended without a successful candidate, and "
+                    f"stage {stage_no} starts from its best recipe" + self._all_failed().partition(")")[2])
         self._holdout(force=True)
         if self.stop_reason is None:
             self.stop_reason = "budget"
@@ -478,6 +552,9 @@ class Runner:
         from evomerge.workers import Task
 
         leaders: dict[str, _Entry] = {}
+        for entry in entries:  # results an interrupted run stored lead their later copies, as they did then
+            if entry.status in ("done", "failed"):
+                leaders.setdefault(entry.recipe_hash, entry)
         tasks = []
         followers: list[tuple[_Entry, _Entry | _Known]] = []
         reused = []
@@ -490,7 +567,7 @@ class Runner:
                 reused.append(self._reuse_result(entry, source.index))
                 continue
             leader = leaders.get(entry.recipe_hash)
-            if leader is not None:
+            if leader is not None and leader.index < entry.index:
                 followers.append((entry, leader))
                 continue
             leaders[entry.recipe_hash] = entry
@@ -584,34 +661,43 @@ class Runner:
                         dtype=np.float64).reshape(len(known), len(self.names))
 
     def _update_best_front(self, fresh: Sequence[_Known]) -> None:
+        """The front and the best by :func:`evomerge.service.results.rank_front`, the one definition reports use."""
         if not fresh:
             return
-        scores = scalarize(self._matrix(fresh), self.directions, self.spec.algorithm.scalarize, self.weights)
-        for k, score in zip(fresh, scores):
-            if np.isfinite(score) and score > self.best_score:
-                self.best, self.best_score = k, float(score)
         pool = self.front + list(fresh)
-        self.front = [pool[i] for i in non_dominated(self._matrix(pool), self.directions)]
+        order, scores = rank_front(self._matrix(pool), [k.index for k in pool], self.scoring)
+        self.front = [pool[i] for i in order]
+        best = next((i for i in order if np.isfinite(scores[i])), None)
+        self.best = None if best is None else pool[best]
+        self.best_score = None if best is None else float(scores[best])
 
     # -- stopping -------------------------------------------------------------------------------------------
 
     def _elapsed(self) -> float:
         return self.elapsed_before + (time.monotonic() - self.started)
 
-    def _should_stop(self) -> bool:
+    def _stop_reason(self) -> str | None:
+        """Why the search should stop now (None: go on). No side effects: executors poll it from their loops."""
+        if self.watch is not None and self.watch.lost.is_set():
+            return "lost ownership"
         if self.watch is not None and self.watch.cancelled.is_set():
-            self.stop_reason = "cancelled"
-            return True
+            return "cancelled"
         if self.user_stop is not None and self.user_stop():
-            self.stop_reason = self.stop_reason or "stopped"
-            return True
+            return "stopped"
         if self.wall_time is not None and self._elapsed() >= self.wall_time:
-            self.stop_reason = "wall_time"
-            return True
-        return False
+            return "wall_time"
+        return None
 
-    def _stopped_status(self) -> str:
-        if self.stop_reason == "wall_time":
+    def _should_stop(self) -> bool:
+        return self._stop_reason() is not None
+
+    def _stopped_status(self, reason: str) -> str:
+        """The status a stop leaves: ``done`` at the wall-time budget (candidates asked but never told are
+        deleted, so a finished search has no pending rows), ``cancelled`` otherwise (pending rows stay for a
+        resume)."""
+        self.stop_reason = reason
+        if reason == "wall_time":
+            self.store.delete_candidates_from(self.search_id, self.next_index)
             self._holdout(force=True)
             return "done"
         return "cancelled"
@@ -686,14 +772,17 @@ def _as_stored(per_example: Mapping[str, np.ndarray] | None) -> dict[str, np.nda
 
 def run_search(store: "Store", search_id: int, *, executor: Any,
                progress: Callable[[RunProgress], None] | None = None, should_stop: Callable[[], bool] | None = None,
-               prepared: Prepared | None = None) -> RunResult:
+               prepared: Prepared | None = None, take_over: bool = False) -> RunResult:
     """Run (or resume) search ``search_id`` to its end with ``executor``; see the module docstring.
 
     Returns the final status (``done``, or ``cancelled`` after a cancel request or ``should_stop()``); an
-    exception in the runner marks the row ``failed`` with a one-line error and is raised again.
+    exception in the runner marks the row ``failed`` with a one-line error and is raised again. A search a live
+    runner holds raises :class:`~evomerge.storage.repository.SearchBusyError` (``take_over=True`` takes it
+    anyway: ``evomerge resume --force``); a runner whose search was taken over while it ran stops and raises
+    :class:`~evomerge.storage.repository.LostOwnershipError` without writing the row again.
     """
     return Runner(store, search_id, executor=executor, progress=progress, should_stop=should_stop,
-                  prepared=prepared).run()
+                  prepared=prepared, take_over=take_over).run()
 
 
 def expert_recipe(spec: JobSpec, expert: str) -> "Recipe":
@@ -728,54 +817,14 @@ def score_references(store: "Store", search_id: int, *, executor: Any, spec: Job
 
 
 def live_runner(store: "Store", search_id: int) -> str | None:
-    """Why search ``search_id`` seems to have a live runner (None when it has none): a ``running`` row whose
-    runner process is alive on this host, or, on another host, whose heartbeat is fresh."""
+    """Why search ``search_id`` has a live runner (None when it has none): a ``running``/``cancelling`` row whose
+    runner process is alive on this host or whose heartbeat is fresh (:func:`evomerge.storage.repository.runner_alive`,
+    the rule :meth:`Store.start_search` applies)."""
     row = store.get_search(search_id)
     if row is None or row.status not in ("running", "cancelling"):
         return None
-    data: Mapping[str, Any] = {}
-    after = 0
-    while True:  # the newest `started` event, page by page
-        page = store.events(search_id, after=after)
-        if not page:
-            break
-        for event in page:
-            if _kind(event) == "started":
-                data = _data(event)
-        after = max(e.id for e in page)
-    if data.get("host") == socket.gethostname() and data.get("pid"):
-        pid = int(data["pid"])
-        if pid == os.getpid():
-            return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return f"its runner (process {pid}) is still alive"
-    beat = row.updated_at
-    if beat is None:
-        return None
-    age = _age_seconds(beat)
-    return f"its heartbeat is {age:.0f} s old" if age < STALE_AFTER_S else None
+    return runner_alive(row.owner, row.updated_at)
 
 
-def _kind(event: Any) -> str:
-    return event["kind"] if isinstance(event, Mapping) else event.kind
-
-
-def _data(event: Any) -> Mapping[str, Any]:
-    return (event["data"] if isinstance(event, Mapping) else event.data) or {}
-
-
-def _age_seconds(moment: Any) -> float:
-    from datetime import datetime, timezone
-
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return (datetime.now(timezone.utc) - moment).total_seconds()
-
-
-__all__ = ["Prepared", "ResumeError", "RunProgress", "RunResult", "Runner", "build_optimizer", "expert_recipe",
+__all__ = ["Prepared", "ResumeError", "SearchFailedError", "RunProgress", "RunResult", "Runner", "build_optimizer", "expert_recipe",
            "live_runner", "prepare", "run_search", "same_genome", "score_references", "submit", "weights_hash"]

@@ -101,6 +101,8 @@ class Search(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     error: Mapped[str | None] = mapped_column(Text)
     stop_reason: Mapped[str | None] = mapped_column(Text)
+    #: The runner that holds the search (``host:pid:uuid``, see :func:`evomerge.storage.repository.new_owner`).
+    owner: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (Index(None, "status"),)
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+import os
+import socket
+import uuid
 import zlib
-from datetime import datetime
+from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any
 
@@ -45,8 +48,20 @@ _COMPLETE_ANY = update(_CANDIDATES).where(
 )
 #: The same, only while the candidate is still pending (a second result for one candidate must not win).
 _COMPLETE = _COMPLETE_ANY.where(_CANDIDATES.c.status == "pending")
+#: The one status machine of a search; every writer (runner, CLI, service) goes through it. ``running`` and
+#: ``cancelling`` go back to ``running`` only by :meth:`Store.start_search` taking over from a dead runner.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "queued": frozenset({"running", "cancelled"}),
+    "running": frozenset({"running", "cancelling", "cancelled", "done", "failed"}),
+    "cancelling": frozenset({"running", "cancelled", "done", "failed"}),
+    "cancelled": frozenset({"running"}),
+    "failed": frozenset({"running"}),
+    "done": frozenset(),
+}
 #: Statuses a search may (re)start from: new, stale (a runner died), resumable after a cancel or a failure.
-STARTABLE_STATUSES = ("queued", "running", "cancelled", "failed")
+STARTABLE_STATUSES = tuple(s for s, nxt in TRANSITIONS.items() if "running" in nxt)
+#: A ``running`` row whose heartbeat is older than this has no live runner (runners beat every few seconds).
+STALE_AFTER_S = 30.0
 #: The PostgreSQL advisory-lock class that serialises event inserts of one search (any 32-bit constant).
 _PG_EVENT_LOCK = zlib.crc32(b"evomerge.storage.events") & 0x7FFFFFFF
 
@@ -57,6 +72,72 @@ class NotFoundError(UserError):
 
 class AlreadyFinishedError(UserError):
     """A result for a candidate that already has one (``done``/``failed``); the service answers 409."""
+
+
+class SearchBusyError(UserError):
+    """A search that a live runner holds: it cannot be started or resumed elsewhere (the service answers 409)."""
+
+    exit_code = 1
+
+
+class StatusTransitionError(UserError):
+    """A status change the status machine (:data:`TRANSITIONS`) does not allow (the service answers 409)."""
+
+
+class LostOwnershipError(RuntimeError):
+    """The runner no longer holds its search (another runner took it over after a stale heartbeat): it must stop
+    and write nothing more to the search row."""
+
+    def __init__(self, search_id: int, holder: str | None) -> None:
+        self.search_id, self.holder = search_id, holder
+        now = f"runner {holder}" if holder else "no runner"
+        super().__init__(f"search {search_id} was taken over ({now} holds it now); this runner stopped")
+
+
+def new_owner() -> str:
+    """A runner's ownership token: ``host:pid:uuid`` (host and pid let another process on this host see that
+    the runner died; the uuid tells two runners of one process apart)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+
+
+def _owner_process(owner: str | None) -> tuple[str, int] | None:
+    """(host, pid) of an ownership token (hosts may hold colons: the pid and uuid are the last two fields)."""
+    parts = (owner or "").split(":")
+    try:
+        return ":".join(parts[:-2]), int(parts[-2])
+    except (ValueError, IndexError):
+        return None
+
+
+def runner_alive(owner: str | None, heartbeat: datetime | None, stale_after: float = STALE_AFTER_S) -> str | None:
+    """Why a search held by ``owner`` with its last heartbeat at ``heartbeat`` has a live runner; ``None`` when
+    it has none: its process is provably dead on this host, or its heartbeat is older than ``stale_after``."""
+    process = _owner_process(owner)
+    if process is not None and process[0] == socket.gethostname() and process[1] != os.getpid():
+        try:
+            os.kill(process[1], 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+    if heartbeat is None:
+        return None
+    if heartbeat.tzinfo is None:
+        heartbeat = heartbeat.replace(tzinfo=timezone.utc)
+    age = (utc_now() - heartbeat).total_seconds()
+    if age >= stale_after:
+        return None
+    if process is not None and process[0] == socket.gethostname():
+        return f"its runner (process {process[1]}) is alive, last heartbeat {age:.0f} s ago"
+    return f"its runner's last heartbeat is {age:.0f} s old"
+
+
+def _check_transition(search_id: int, old: str, new: str) -> None:
+    if new not in TRANSITIONS[old] and new != old:
+        allowed = ", ".join(sorted(TRANSITIONS[old])) or "nothing"
+        raise StatusTransitionError(
+            f"search {search_id} is {old}; it can move to {allowed}, not to {new}", where="status"
+        )
 
 
 class _Mismatch(Exception):
@@ -113,6 +194,7 @@ class SearchRow:
     error: str | None
     stop_reason: str | None
     counts: dict[str, int] = field(default_factory=dict)
+    owner: str | None = None
 
 
 @dataclass
@@ -188,6 +270,7 @@ def _search_row(search: Search, counts: dict[str, int]) -> SearchRow:
         algorithm=search.algorithm, seed=search.seed, budget=search.budget, objectives=search.objectives,
         created_at=search.created_at, updated_at=search.updated_at, started_at=search.started_at,
         finished_at=search.finished_at, error=search.error, stop_reason=search.stop_reason, counts=counts,
+        owner=search.owner,
     )  # fmt: skip
 
 
@@ -337,69 +420,116 @@ class Store:
             return [_search_row(s, counts[s.id]) for s in searches]
 
     def set_status(
-        self, search_id: int, status: str, *, error: str | None = None, stop_reason: str | None = None
+        self,
+        search_id: int,
+        status: str,
+        *,
+        error: str | None = None,
+        stop_reason: str | None = None,
+        owner: str | None = None,
     ) -> None:
-        """Move a search to ``status`` and bump ``updated_at``.
+        """Move a search to ``status`` along :data:`TRANSITIONS` and bump ``updated_at``.
 
         ``running`` sets ``started_at`` the first time; ``cancelled``/``done``/``failed`` set ``finished_at``
-        (any other status clears it: a resumed search is unfinished again). ``error``/``stop_reason`` are stored
-        when given; moving to ``queued`` or ``running`` clears them.
+        (any other status clears it: a resumed search is unfinished again) and release the owner. ``error`` and
+        ``stop_reason`` are stored when given; moving to ``queued``, ``running`` or ``done`` clears ``error``
+        (a finished search carries no stale error), ``queued``/``running`` clear ``stop_reason`` too.
 
-        Unconditional: a runner starting a search must use :meth:`start_search` instead, which cannot undo a
-        cancel that happened meanwhile.
+        ``owner`` (a runner's token): the write happens only while that runner still holds the search, else
+        :class:`LostOwnershipError`. A move the status machine does not allow raises
+        :class:`StatusTransitionError`. Starting a search goes through :meth:`start_search` instead, which
+        cannot undo a cancel that happened meanwhile nor take a search from a live runner.
         """
         _check_status(status, SEARCH_STATUSES, "search")
         now = utc_now()
         with self._write() as session:
             search = self._locked_search(session, search_id)
+            if owner is not None and search.owner != owner:
+                raise LostOwnershipError(search_id, search.owner)
+            _check_transition(search_id, search.status, status)
             search.status = status
             search.updated_at = now
             if status == "running" and search.started_at is None:
                 search.started_at = now
             search.finished_at = now if status in FINISHED_STATUSES else None
+            if status in FINISHED_STATUSES or status == "queued":
+                search.owner = None
             if status in ("queued", "running"):
                 search.error, search.stop_reason = None, None
+            if status == "done":
+                search.error = None
             if error is not None:
                 search.error = error
             if stop_reason is not None:
                 search.stop_reason = stop_reason
 
-    def start_search(self, search_id: int, *, from_status: str | None = None) -> str:
-        """Compare-and-set to ``running``; returns the status now in force (``"running"`` when it started).
+    def start_search(
+        self, search_id: int, *, owner: str | None = None, from_status: str | None = None,
+        stale_after: float = STALE_AFTER_S,
+    ) -> str:
+        """Compare-and-set to ``running`` held by ``owner``; returns the status now in force (``"running"`` when
+        this call started it).
 
-        A search starts (or resumes) from ``queued``, ``running`` (a runner that died left it so), ``cancelled``
-        or ``failed`` (see :data:`STARTABLE_STATUSES`); never from ``cancelling`` or ``done``, which are returned
-        unchanged. ``from_status`` narrows that to the one status the caller saw when it decided to start: a
-        search cancelled since (``queued`` → ``cancelled``) is then not started either. Starting sets
-        ``started_at`` the first time, clears ``finished_at``, ``error`` and ``stop_reason``.
+        A search starts from ``queued``, ``cancelled`` or ``failed``, and is taken over from ``running`` or
+        ``cancelling`` only when its runner is gone (:func:`runner_gone`: heartbeat older than ``stale_after``
+        seconds, or its recorded process provably dead on this host); a live runner's search raises
+        :class:`SearchBusyError`. ``done`` is returned unchanged. ``from_status`` narrows that to the one
+        status the caller saw when it decided to start: a search cancelled since (``queued`` → ``cancelled``) is
+        then not started. Starting sets ``started_at`` the first time, clears ``finished_at``, ``error`` and
+        ``stop_reason``, and records ``owner`` (default: a fresh :func:`new_owner` of this process).
         """
-        allowed = STARTABLE_STATUSES
         if from_status is not None:
             _check_status(from_status, SEARCH_STATUSES, "search")
-            allowed = (from_status,) if from_status in STARTABLE_STATUSES else ()
         now = utc_now()
         with self._write() as session:
             search = self._locked_search(session, search_id)
-            if search.status in allowed:
-                search.status, search.updated_at, search.finished_at = "running", now, None
-                search.started_at = search.started_at or now
-                search.error, search.stop_reason = None, None
+            if from_status is not None and search.status != from_status:
+                return search.status
+            if search.status in ("running", "cancelling"):
+                why = runner_alive(search.owner, search.updated_at, stale_after)
+                if why is not None:
+                    raise SearchBusyError(
+                        f"search {search_id} is {search.status}: {why}; cancel it first (evomerge cancel "
+                        f"{search_id})",
+                        where="ID",
+                    )
+            elif "running" not in TRANSITIONS[search.status]:
+                return search.status
+            search.status, search.updated_at, search.finished_at = "running", now, None
+            search.started_at = search.started_at or now
+            search.error, search.stop_reason = None, None
+            search.owner = owner or new_owner()
             return search.status
 
-    def heartbeat(self, search_id: int) -> None:
-        """Bump ``updated_at`` only (the runner is alive)."""
+    def heartbeat(self, search_id: int, *, owner: str | None = None) -> None:
+        """Bump ``updated_at`` only (the runner is alive). With ``owner``, only while that runner holds the
+        search: a runner whose search was taken over gets :class:`LostOwnershipError` and must stop."""
+        stmt = update(Search).where(Search.id == search_id)
+        if owner is not None:
+            stmt = stmt.where(Search.owner == owner)
         with self._writer.begin() as connection:
-            done = connection.execute(update(Search).where(Search.id == search_id).values(updated_at=utc_now()))
+            done = connection.execute(stmt.values(updated_at=utc_now()))
             if done.rowcount == 0:  # type: ignore[attr-defined]
-                raise NotFoundError(f"no search with id {search_id}", where="search")
+                holder = connection.execute(select(Search.owner).where(Search.id == search_id)).first()
+                if holder is None:
+                    raise NotFoundError(f"no search with id {search_id}", where="search")
+                raise LostOwnershipError(search_id, holder[0])
 
-    def request_cancel(self, search_id: int) -> str:
-        """``queued`` → ``cancelled``, ``running`` → ``cancelling``; returns the status now in force."""
+    def request_cancel(self, search_id: int, *, stale_after: float = STALE_AFTER_S) -> str:
+        """``queued`` → ``cancelled``; ``running`` → ``cancelling`` (its runner stops and writes ``cancelled``);
+        ``running``/``cancelling`` whose runner is gone (see :func:`runner_alive`) → ``cancelled`` at once.
+        Returns the status now in force."""
         now = utc_now()
         with self._write() as session:
             search = self._locked_search(session, search_id)
-            if search.status == "queued":
+            gone = search.status in ("running", "cancelling") and (
+                runner_alive(search.owner, search.updated_at, stale_after) is None
+            )
+            if search.status == "queued" or gone:
                 search.status, search.finished_at, search.updated_at = "cancelled", now, now
+                search.owner = None
+                if gone:
+                    search.stop_reason = "cancelled"
             elif search.status == "running":
                 search.status, search.updated_at = "cancelling", now
             return search.status

@@ -14,6 +14,7 @@ import pytest
 
 from evomerge.storage.testing import BACKENDS, database_for_tests
 from evomerge.testbeds import build
+from evomerge.testbeds.synthetic import build_family
 
 from runner_helpers import ENV, HERE
 
@@ -22,6 +23,12 @@ from runner_helpers import ENV, HERE
 def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The digits bed at size "ci" (a few seconds)."""
     return build("digits", tmp_path_factory.mktemp("runner-beds") / "digits", seed=0, size="ci")
+
+
+@pytest.fixture(scope="session")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic Llama family (base, e0, e1; 4 layers): layer paths run on it (seconds to build)."""
+    return build_family(tmp_path_factory.mktemp("runner-beds") / "llama", "llama", n_experts=2, seed=0).base.parent
 
 
 @pytest.fixture(autouse=True)

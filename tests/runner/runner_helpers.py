@@ -41,6 +41,20 @@ def job(bed: Path, *, seed: int = 0, algorithm: str = "cmaes", options: dict | N
             "budget": {"evaluations": budget}, "resources": {"workers": workers, "cpus_per_worker": 1}}
 
 
+def hybrid_job(family: Path, *, budget: int = 16, pause: dict | None = None, popsize: int = 4) -> dict:
+    """A hybrid (task arithmetic, then layer paths) search over a synthetic Llama family: a python ``pause``
+    objective (no data) beside the layer count."""
+    return {"name": "hybrid-test", "seed": 0,
+            "models": {"base": str(family / "base"), "experts": [{"name": "a", "path": str(family / "e0")},
+                                                                 {"name": "b", "path": str(family / "e1")}]},
+            "space": {"kind": "hybrid", "method": "task_arithmetic", "search": {"weight": [0.0, 1.5]}},
+            "objectives": [{"name": "pause", "task": {"kind": "python", "function": "runner_objective:pause",
+                                                      "options": pause or {}}, "direction": "maximize"},
+                           {"name": "layers", "task": {"kind": "num_layers"}}],
+            "algorithm": {"name": "cmaes", "options": {"popsize": popsize}},
+            "budget": {"evaluations": budget}, "resources": {"workers": 1, "cpus_per_worker": 1}}
+
+
 def write_spec(folder: Path, name: str, data: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.yaml"

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from safetensors.numpy import load_file, save_file
 
-from runner_helpers import evomerge, job, write_spec
+from runner_helpers import evomerge, hybrid_job, job, write_spec
 from evomerge.merging import Recipe
 from evomerge.service.results import summarize
 from evomerge.service.runner import run_search, submit
@@ -71,7 +71,7 @@ class Workspace:
 
 
 @pytest.fixture(scope="module")
-def ws(digits: Path, tmp_path_factory: pytest.TempPathFactory):
+def ws(digits: Path, llama: Path, tmp_path_factory: pytest.TempPathFactory):
     workspace = Workspace(tmp_path_factory.mktemp("cli-search"), digits)
     sid, db, out = workspace.search_id, workspace.db, workspace.root
 
@@ -98,6 +98,11 @@ def ws(digits: Path, tmp_path_factory: pytest.TempPathFactory):
         go("cancel_done", "cancel", sid, "--db", db)
         go("upgrade", "db", "upgrade", "--db", f"sqlite:///{out / 'fresh.db'}")
         go("validate", "recipe", "validate", out / "nothere.yml")
+        go("huge_id", "status", "99999999999999999999", "--db", db)
+        go("huge_candidate", "recipe", sid, "--candidate", "99999999999999999999", "--db", db)
+        hybrid = hybrid_job(llama, budget=8, pause={"fail_every": 1})
+        go("stage1_fails", "run", write_spec(out / "hybrid", "hybrid", hybrid), "--db", f"sqlite:///{out / 'h.db'}",
+           "--executor", "inline", "--json")
         yield workspace
 
 
@@ -174,6 +179,8 @@ def test_list_json(ws: Workspace) -> None:
 def test_front_as_json_csv_and_png(ws: Workspace) -> None:
     doc = json.loads(result(ws, "front_json").stdout)
     assert [p["id"] for p in doc["front"]] == [p.index for p in ws.summary.front]
+    assert doc == json.loads(result(ws, "status").stdout)  # the one summary document: id, status, counts, ...
+    assert doc["status"] == "done" and doc["counts"]["done"] == 18
     assert result(ws, "front_csv").returncode == 0
     lines = (ws.root / "front.csv").read_text().splitlines()
     assert lines[0].startswith("candidate,kind,acc_0_4,acc_5_9") and len(lines) == 1 + len(ws.summary.front)
@@ -196,3 +203,20 @@ def test_db_upgrade_creates_the_schema(ws: Workspace) -> None:
 
 def test_recipe_subcommands_still_work(ws: Workspace) -> None:
     one_line_error(result(ws, "validate"), "nothere.yml")
+
+
+def test_ids_beyond_sql_integers_are_a_one_line_error(ws: Workspace) -> None:
+    one_line_error(result(ws, "huge_id"), "ID", "99999999999999999999", "not a search id")
+    one_line_error(result(ws, "huge_candidate"), "--candidate", "not a candidate id")
+
+
+def test_a_hybrid_whose_stage_1_fails_entirely_is_one_line_and_still_a_json_document(ws: Workspace) -> None:
+    r = result(ws, "stage1_fails")
+    assert "Traceback" not in r.stderr and r.returncode == 1, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert "stage 1 of search 1 ended without a successful candidate" in line
+    assert "planned failure" in line  # the first candidate's error
+    doc = json.loads(r.stdout)
+    counts = doc["counts"]
+    assert doc["status"] == "failed" and counts["failed"] == counts["total"] > 0 and counts["pending"] == 0
+    assert doc["error"].startswith("stage 1 of search 1 ended") and doc["best"] is None

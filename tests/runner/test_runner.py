@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sqlalchemy import create_engine, update
 
-from runner_helpers import job, snapshot
+from runner_helpers import hybrid_job, job, snapshot
 from evomerge.search import Optimizer, OptimizerOptions, register
 from evomerge.search.optimizers.base import OPTIMIZERS
 from evomerge.service.results import summarize
@@ -123,6 +123,9 @@ def test_wall_time_budget_stops_the_search(digits: Path, db_url: str) -> None:
         row = store.get_search(sid)
         assert result.status == "done" and row.stop_reason == "wall_time"
         assert 0 < row.counts["done"] < 200
+        # asked but never told candidates are gone: a finished search has no pending rows, and every row left
+        # was told (the last checkpoint knows them all)
+        assert row.counts["pending"] == 0 and row.counts["total"] == store.latest_checkpoint(sid).told
 
 
 def test_a_stop_mid_batch_then_resume_needs_the_same_genomes(digits: Path, db_url: str) -> None:
@@ -166,13 +169,9 @@ def test_a_ray_worker_killed_mid_candidate_is_retried_and_the_budget_completes(d
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_a_hybrid_search_stopped_in_stage_2_resumes_exactly(digits: Path, db_url: str) -> None:
-    """Stage 2 is rebuilt from stage 1's best on resume: the same candidates as an uninterrupted run. (Layer paths
-    through the digits MLP cannot run — its two layers differ in shape — so stage-2 candidates fail; they fail
-    identically, which is what this test needs.)"""
-    data = job(digits, budget=16, holdout=False)
-    data["space"] = {"kind": "hybrid", "method": "task_arithmetic", "search": {"weight": [0.0, 1.5]}}
-    data["algorithm"]["options"] = {"popsize": 4}
+def test_a_hybrid_search_stopped_in_stage_2_resumes_exactly(llama: Path, db_url: str) -> None:
+    """Stage 2 is rebuilt from stage 1's best on resume: the same candidates as an uninterrupted run."""
+    data = hybrid_job(llama, budget=16)
     calls = []
 
     def stop_in_stage_2() -> bool:
@@ -190,6 +189,7 @@ def test_a_hybrid_search_stopped_in_stage_2_resumes_exactly(digits: Path, db_url
             run_search(store, reference, executor=executor)
         assert snapshot(store, stopped) == snapshot(store, reference)
         assert [r.stage for r in store.candidates(reference)] == [1] * 8 + [2] * 8
+        assert all(r.status == "done" for r in store.candidates(reference))  # layer paths run on a Llama
         assert store.latest_checkpoint(stopped).state["stage"] == 2
 
 
@@ -217,3 +217,18 @@ def test_an_m2n2_search_stopped_mid_way_resumes_exactly(digits: Path, db_url: st
             run_search(store, reference, executor=executor)
         assert snapshot(store, stopped) == snapshot(store, reference)
         assert len(snapshot(store, reference)) == 20
+
+
+def test_a_layer_path_space_on_an_mlp_is_refused_before_the_search(digits: Path) -> None:
+    """The digits MLP has no transformer layers: dataflow and hybrid spaces fail at prepare, naming space.kind."""
+    from evomerge.service.runner import prepare
+    from evomerge.spec import SpecError
+
+    for kind in ("dataflow", "hybrid"):
+        data = job(digits, budget=8, holdout=False)
+        data["space"] = {"kind": kind, "method": "task_arithmetic", "search": {"weight": [0.0, 1.5]}}
+        if kind == "dataflow":
+            data["space"] = {"kind": "dataflow"}
+        with pytest.raises(SpecError, match="layer path") as refused:
+            prepare(JobSpec.from_dict(data))
+        assert refused.value.where == "space.kind"

@@ -14,6 +14,14 @@ from storage_helpers import OBJECTIVES, new_search
 
 from evomerge.errors import UserError
 from evomerge.storage import AlreadyFinishedError, CandidateResult, NewCandidate, NotFoundError, Store
+from evomerge.storage.models import SEARCH_STATUSES
+from evomerge.storage.repository import (
+    STARTABLE_STATUSES,
+    TRANSITIONS,
+    LostOwnershipError,
+    SearchBusyError,
+    StatusTransitionError,
+)
 
 
 def _add(store: Store, search_id: int, indices: range | list[int], dim: int = 4, **kw: object) -> None:
@@ -95,6 +103,7 @@ def test_heartbeat_bumps_only_updated_at(store: Store) -> None:
 def test_request_cancel_follows_the_status_machine(store: Store) -> None:
     queued, running, done = new_search(store, "q"), new_search(store, "r"), new_search(store, "d")
     store.set_status(running, "running")
+    store.set_status(done, "running")
     store.set_status(done, "done")
     assert store.request_cancel(queued) == "cancelled"
     queued_row = store.get_search(queued)
@@ -301,7 +310,8 @@ def test_start_search_never_undoes_a_cancel(store: Store) -> None:
     assert store.start_search(running) == "running"
     started = store.get_search(running).started_at  # type: ignore[union-attr]
     assert store.request_cancel(running) == "cancelling"
-    assert store.start_search(running) == "cancelling"  # a racing start loses to the cancel
+    with pytest.raises(SearchBusyError, match="is cancelling"):  # a racing start loses to the live runner
+        store.start_search(running)
     assert store.start_search(running, from_status="running") == "cancelling"
     store.set_status(running, "cancelled", stop_reason="cancelled")
     assert store.start_search(running) == "running"  # resuming a cancelled search is allowed
@@ -414,3 +424,73 @@ def test_an_event_committed_late_is_never_skipped_by_a_reader_paging_with_after(
     last = store.events(sid)[len(seen) - 1].id if seen else 0
     seen += [e.kind for e in store.events(sid, after=last)]
     assert sorted(seen) == ["A", "B"]
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and was reaped)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_start_search_takes_over_only_from_a_dead_runner(store: Store) -> None:
+    import socket
+
+    sid = new_search(store)
+    dead = f"{socket.gethostname()}:{_dead_pid()}:0123"
+    assert store.start_search(sid, owner=dead) == "running"
+    assert store.get_search(sid).owner == dead  # type: ignore[union-attr]
+    # the recorded runner's process is gone: the first resume takes over, the second finds a live owner
+    assert store.start_search(sid, owner="me") == "running"
+    row = store.get_search(sid)
+    assert row is not None and row.owner == "me" and row.status == "running"
+    with pytest.raises(SearchBusyError, match="heartbeat"):
+        store.start_search(sid, owner="you")
+    assert store.get_search(sid).owner == "me"  # type: ignore[union-attr]
+    # a stale heartbeat (another host) releases the search too
+    assert store.start_search(sid, owner="you", stale_after=0.0) == "running"
+    with pytest.raises(LostOwnershipError, match="taken over"):
+        store.heartbeat(sid, owner="me")
+    with pytest.raises(LostOwnershipError):
+        store.set_status(sid, "done", owner="me")
+    store.heartbeat(sid, owner="you")
+    store.set_status(sid, "failed", error="boom", owner="you")
+    row = store.get_search(sid)
+    assert row is not None and (row.status, row.owner, row.error) == ("failed", None, "boom")
+
+
+def test_status_machine_refuses_impossible_moves_and_done_clears_the_error(store: Store) -> None:
+    sid = new_search(store)
+    with pytest.raises(StatusTransitionError, match="queued; it can move to cancelled, running, not to done"):
+        store.set_status(sid, "done")
+    store.set_status(sid, "running", error="old trouble")
+    store.set_status(sid, "done")
+    row = store.get_search(sid)
+    assert row is not None and row.error is None and row.finished_at is not None
+    for status in ("running", "cancelled", "failed", "queued"):
+        with pytest.raises(StatusTransitionError):
+            store.set_status(sid, status)
+    assert store.start_search(sid) == "done"
+    assert set(TRANSITIONS) == set(SEARCH_STATUSES) and set(STARTABLE_STATUSES) == set(SEARCH_STATUSES) - {"done"}
+
+
+def test_cancel_of_a_search_whose_runner_died_cancels_at_once(store: Store) -> None:
+    import socket
+
+    sid = new_search(store)
+    store.start_search(sid, owner=f"{socket.gethostname()}:{_dead_pid()}:ab")
+    assert store.request_cancel(sid) == "cancelled"
+    row = store.get_search(sid)
+    assert row is not None and (row.status, row.stop_reason, row.owner) == ("cancelled", "cancelled", None)
+    # a search left `cancelling` by a runner that died later is cancelled by the next request, or resumed
+    other = new_search(store)
+    store.start_search(other, owner="elsewhere:1:x")
+    assert store.request_cancel(other) == "cancelling"
+    assert store.request_cancel(other, stale_after=0.0) == "cancelled"
+    third = new_search(store)
+    store.start_search(third, owner="elsewhere:1:x")
+    assert store.request_cancel(third) == "cancelling"
+    assert store.start_search(third, owner="me", stale_after=0.0) == "running"

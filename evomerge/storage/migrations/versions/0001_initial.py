@@ -42,6 +42,7 @@ def upgrade() -> None:
         sa.Column("finished_at", _utc(), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column("stop_reason", sa.Text(), nullable=True),
+        sa.Column("owner", sa.Text(), nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_evomerge_searches"),
     )
     op.create_index("ix_evomerge_searches_status", "evomerge_searches", ["status"])
