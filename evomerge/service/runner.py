@@ -66,6 +66,8 @@ HOLDOUT_EVERY_FRACTION = 0.1
 STEADY_STATE = frozenset({"m2n2"})  # optimizers whose ask(n) takes any n without replacing in-flight genomes
 CHECKPOINT_FORMAT = 1
 WRITE_EVERY_S = 0.1  # results arriving faster than this share a transaction
+CHECKPOINT_CHEAP_S = 0.02  # checkpoints that take less are saved after every tell
+CHECKPOINT_SHARE = 0.05  # costlier ones take at most this share of the run time (see Runner._checkpoint)
 
 
 class SearchFailedError(UserError):
@@ -334,12 +336,13 @@ class Runner:
         self.best_score: float | None = None
         self.scoring = Scoring.of(self.spec.model_dump(mode="json"))
         self.owner = new_owner()
-        self.next_index = 0  # the first candidate index not told yet (everything before it is checkpointed)
+        self.next_index = 0  # the first candidate index not told yet
         self.holdout_done: set[int] = set()
         self.evaluated = 0
         self.evaluated_here = 0
         self.elapsed_before = 0.0
         self.started = time.monotonic()
+        self._checkpoint_at, self._checkpoint_cost = self.started, 0.0
         self.watch: _Watch | None = None
         self.stop_reason: str | None = None
         self.last_holdout = (time.monotonic(), 0)
@@ -440,9 +443,8 @@ class Runner:
                           for e in entries],
                          [e.per_example if e.status == "done" else None for e in entries])
                 self._absorb(entries)
-                self.store.save_checkpoint(self.search_id, told=first + len(entries),
-                                           state=self._state(stage_no, stage_start, previous, opt),
-                                           report=self._report(opt, stage_no, len(budgets)))
+                self._checkpoint(first + len(entries), stage_no, stage_start, previous, opt, len(budgets),
+                                 force=opt.done)
                 self.next_index = first + len(entries)
                 self._maybe_holdout()
                 self._report_progress(stage_no, len(budgets))
@@ -463,6 +465,25 @@ class Runner:
         return "done"
 
     # -- state ----------------------------------------------------------------------------------------------
+
+    def _checkpoint(self, told: int, stage_no: int, stage_start: int, previous: "Recipe | None", opt: Optimizer,
+                    stages: int, *, force: bool = False) -> None:
+        """Save the optimizer's state after a tell.
+
+        Cheap states (every optimizer but M2N2 over full weights: kilobytes) are saved after every tell. A state
+        whose last save took longer than :data:`CHECKPOINT_CHEAP_S` is saved again only once that cost is at most
+        :data:`CHECKPOINT_SHARE` of the time since — an M2N2 archive of full weights is megabytes, and saving it
+        after every child would dominate the run. Resume stays exact either way: it restores the last state
+        saved and replays the finished candidates after it without scoring them again.
+        """
+        now = time.monotonic()
+        if (not force and self._checkpoint_cost > CHECKPOINT_CHEAP_S
+                and self._checkpoint_cost > CHECKPOINT_SHARE * (now - self._checkpoint_at)):
+            return
+        self.store.save_checkpoint(self.search_id, told=told, state=self._state(stage_no, stage_start, previous, opt),
+                                   report=self._report(opt, stage_no, stages))
+        self._checkpoint_at = time.monotonic()
+        self._checkpoint_cost = self._checkpoint_at - now
 
     def _state(self, stage_no: int, stage_start: int, previous: "Recipe | None", opt: Optimizer) -> dict[str, Any]:
         return {"format": CHECKPOINT_FORMAT, "stage": stage_no, "stage_start": stage_start,

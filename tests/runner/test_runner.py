@@ -14,6 +14,7 @@ from runner_helpers import hybrid_job, job, snapshot
 from evomerge.search import Optimizer, OptimizerOptions, register
 from evomerge.search.optimizers.base import OPTIMIZERS
 from evomerge.service.results import summarize
+from evomerge.service import runner
 from evomerge.service.runner import ResumeError, run_search, submit
 from evomerge.spec import JobSpec
 from evomerge.storage import Store
@@ -193,10 +194,17 @@ def test_a_hybrid_search_stopped_in_stage_2_resumes_exactly(llama: Path, db_url:
         assert store.latest_checkpoint(stopped).state["stage"] == 2
 
 
+@pytest.mark.parametrize("throttled", [False, True], ids=["every-tell", "throttled"])
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_an_m2n2_search_stopped_mid_way_resumes_exactly(digits: Path, db_url: str) -> None:
+def test_an_m2n2_search_stopped_mid_way_resumes_exactly(digits: Path, db_url: str, throttled: bool,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """M2N2 is steady state (batches of `resources.workers`) and feeds on per-example scores: a resume reads
-    them back from the database, and ends with the candidates of an uninterrupted run."""
+    them back from the database, and ends with the candidates of an uninterrupted run. Throttled: as if the state
+    were too costly to save after every tell (M2N2 over full weights), only the first checkpoint is saved before
+    the stop, and the resume replays every finished candidate after it."""
+    if throttled:
+        monkeypatch.setattr(runner, "CHECKPOINT_CHEAP_S", -1.0)
+        monkeypatch.setattr(runner, "CHECKPOINT_SHARE", 0.0)
     data = job(digits, algorithm="m2n2", options={"archive_size": 6}, budget=20, workers=2, holdout=False)
     data["models"]["experts"] = [{"name": "s0", "path": str(digits / "seeds" / "seed_0_4")},
                                  {"name": "s1", "path": str(digits / "seeds" / "seed_5_9")}]
@@ -210,6 +218,8 @@ def test_an_m2n2_search_stopped_mid_way_resumes_exactly(digits: Path, db_url: st
     store, stopped, (result, _) = _run(db_url, data, should_stop=stop_mid_way)
     with store:
         assert result.status == "cancelled" and store.get_search(stopped).counts["pending"] > 0
+        told = store.latest_checkpoint(stopped).told
+        assert (told == 2) if throttled else (told > 2), told
         spec = JobSpec.from_dict(data)
         with make_executor(spec, kind="inline") as executor:
             assert run_search(store, stopped, executor=executor).status == "done"
