@@ -8,6 +8,7 @@ the worker takes the next task.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from evomerge.errors import UserError
 from evomerge.spec import JobSpec, ResourcesSpec
 from evomerge.workers.tasks import DONE, Outcome, Task, failed, non_finite, one_line
 
@@ -29,6 +31,31 @@ def worker_device(resources: ResourcesSpec, *, in_ray: bool) -> str:
     if resources.gpus_per_worker > 0 and (in_ray or resources.device is None):
         return "cuda"
     return resources.device or "cpu"
+
+
+def check_cuda_devices(*, gpus: float, device: str | None) -> None:
+    """Raise :class:`UserError` when this machine has fewer CUDA devices than asked for.
+
+    ``gpus`` is how many GPUs the workers started here need in all (rounded up); ``device`` the torch device they
+    will use (``cuda:1`` needs two devices). Called before any model is loaded or any Ray is started, so a
+    CPU-only machine gets one line naming the field instead of a failure deep inside torch.
+    """
+    count = torch.cuda.device_count()
+    have = "no CUDA GPU" if count == 0 else f"{count} CUDA GPU{'s' if count > 1 else ''}"
+    if device is not None and device.startswith("cuda"):
+        try:
+            index = torch.device(device).index or 0
+        except RuntimeError:
+            raise UserError(f"{device!r} is not a torch device; write cpu, cuda or cuda:<index>",
+                            where="resources.device") from None
+        if index >= count:
+            raise UserError(f"{device} needs a CUDA GPU but this machine has {have}; set resources.device: cpu "
+                            "(or leave it out)", where="resources.device")
+    need = math.ceil(gpus - 1e-9)
+    if need > count:
+        raise UserError(f"the workers need {need} CUDA GPU{'s' if need > 1 else ''} but this machine has {have}; "
+                        "set gpus_per_worker: 0 to run on CPUs, or join a cluster with GPUs (--ray-address)",
+                        where="resources.gpus_per_worker")
 
 
 def worker_threads(resources: ResourcesSpec) -> int:
@@ -66,14 +93,18 @@ class CandidateWorker:
                 "python": sys.executable}
 
     def run(self, task: Task) -> Outcome:
-        """Merge and score one task; never raises (a failure is a ``failed`` outcome with a one-line error)."""
+        """Merge and score one task; never raises for the candidate (a failure is a ``failed`` outcome with a
+        one-line error). Only ``KeyboardInterrupt`` and ``SystemExit`` pass: a user objective raising any other
+        ``BaseException`` subclass fails its candidate alone."""
         started = time.time()
         if self.setup_error is not None:
             return failed(task, self.label, f"worker could not load the models: {one_line(self.setup_error)}",
                           started_at=started, finished_at=time.time())
         try:
             score = self._score(task)
-        except Exception as e:  # noqa: BLE001 - any candidate error (incl. torch OOM) fails that candidate only
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - any candidate error (incl. torch OOM) fails that candidate only
             if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return failed(task, self.label, one_line(e), started_at=started, finished_at=time.time())

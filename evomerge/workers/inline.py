@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from evomerge.spec import JobSpec
-from evomerge.workers.evaluator import CandidateWorker
+from evomerge.workers.evaluator import CandidateWorker, check_cuda_devices
 from evomerge.workers.executor import Executor, OnOutcome, ShouldStop
 from evomerge.workers.tasks import Outcome, Task
 
@@ -19,12 +19,15 @@ class InlineExecutor(Executor):
     """Scores tasks sequentially in-process with the job's evaluator (loaded once, on construction).
 
     A loading error (missing model file, experts that do not match the base) is raised here, as the user's
-    error, before any task runs.
+    error, before any task runs; so is asking for CUDA (``gpus_per_worker`` > 0, ``device: cuda``) on a machine
+    without it.
     """
 
     workers = 1
 
     def __init__(self, spec: JobSpec, *, allow_python: bool = True) -> None:
+        resources = spec.resources
+        check_cuda_devices(gpus=resources.gpus_per_worker, device=resources.device)
         self.worker = CandidateWorker(spec, allow_python=allow_python, label="inline")
         self.worker.describe()
 

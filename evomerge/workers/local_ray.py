@@ -6,16 +6,25 @@ not do it in Ray 2.60: ``ray.init`` turns a loopback address back into the machi
 then listens on all interfaces. :func:`init_local_ray` therefore clears ``ray_constants.ENABLE_RAY_CLUSTER`` for
 the duration of ``ray.init`` (the switch Ray uses on macOS/Windows for the same purpose), so the node's address
 stays 127.0.0.1 and Ray's servers bind to loopback; it then checks the node's address and refuses to go on
-otherwise.
+otherwise. A Ray without that switch is refused before it starts (join a cluster you started instead).
+
+Joining a cluster (:func:`connect_ray`) is another matter: its nodes do not share this machine's files or Python
+path, so :func:`cluster_runtime_env` ships the modules of the job's ``python`` objectives to the workers.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import site
+import sys
+import sysconfig
 from pathlib import Path
+from typing import Any
 
 from evomerge.errors import UserError
+from evomerge.spec import JobSpec
 
 ADDRESS_ENV = "EVOMERGE_RAY_ADDRESS"
 LOOPBACK = "127.0.0.1"
@@ -35,7 +44,11 @@ def init_local_ray(num_cpus: int, num_gpus: int = 0, log_dir: Path | None = None
     under ``log_dir`` when given (see :func:`session_root`), else under Ray's default temp folder. Reuses Ray if
     it is already initialized in this process. Workers are started by this interpreter (the venv's), with this
     process's working directory and environment, so they import evomerge and the user's Python objectives as
-    this process does.
+    this process does. ``address="local"`` makes it a new local Ray even when ``$RAY_ADDRESS`` names a cluster
+    (joining one is :func:`connect_ray`'s business).
+
+    Raises :class:`UserError` when this Ray version cannot be kept on loopback (checked before Ray starts, and
+    again on the address the node got).
     """
     import ray
 
@@ -43,23 +56,38 @@ def init_local_ray(num_cpus: int, num_gpus: int = 0, log_dir: Path | None = None
         return
     import ray._private.ray_constants as ray_constants
 
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+        raise UserError(f"the embedded Ray cannot be kept on loopback with Ray {ray.__version__} (it lacks "
+                        "ray_constants.ENABLE_RAY_CLUSTER), and a local search must open no port to the network; "
+                        "start a Ray cluster yourself (`ray start --head`, firewalled as you need) and pass its "
+                        f"address with --ray-address / {ADDRESS_ENV}, or install the Ray version evomerge pins",
+                        where="ray_address")
     kwargs: dict = {}
     if log_dir is not None:
         kwargs["_temp_dir"] = str(session_root(Path(log_dir)))
-    cluster_support = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    cluster_support = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False  # keep the node on loopback (see the module docstring)
     try:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address=LOOPBACK,
-                 log_to_driver=False, configure_logging=True, logging_level=logging.ERROR,
-                 namespace="evomerge", **kwargs)
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                 _node_ip_address=LOOPBACK, log_to_driver=False, configure_logging=True,
+                 logging_level=logging.ERROR, namespace="evomerge", **kwargs)
     finally:
-        if cluster_support is not None:
-            ray_constants.ENABLE_RAY_CLUSTER = cluster_support
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_support
     address = ray._private.worker.global_worker.node_ip_address
-    if address != LOOPBACK:
+    try:
+        require_loopback(address)
+    except UserError:
         ray.shutdown()
-        raise RuntimeError(f"the embedded Ray bound to {address}, not {LOOPBACK}; refusing to open ports to the "
-                           "network (this Ray version needs another way to stay on loopback)")
+        raise
+
+
+def require_loopback(address: str) -> None:
+    """Raise :class:`UserError` unless the embedded Ray's node ``address`` is 127.0.0.1."""
+    if address != LOOPBACK:
+        raise UserError(f"the embedded Ray bound to {address}, not {LOOPBACK}, so it would open ports to the "
+                        "network; this Ray version cannot be kept on loopback: start a Ray cluster yourself (`ray "
+                        f"start --head`, firewalled as you need) and pass its address with --ray-address / "
+                        f"{ADDRESS_ENV}", where="ray_address")
 
 
 def session_root(log_dir: Path) -> Path:
@@ -83,15 +111,17 @@ def session_root(log_dir: Path) -> Path:
     return short
 
 
-def connect_ray(address: str) -> None:
+def connect_ray(address: str, runtime_env: dict[str, Any] | None = None) -> None:
     """Join an existing Ray cluster (``ray start --head``, KubeRay) at ``address`` (``ray://…`` or ``host:port``);
-    reuses Ray if this process is already connected."""
+    reuses Ray if this process is already connected. ``runtime_env`` is the job's (Ray uploads local
+    ``py_modules``/``working_dir`` only at this level, see :func:`cluster_runtime_env`)."""
     import ray
 
     if ray.is_initialized():
         return
     try:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, namespace="evomerge")
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, namespace="evomerge",
+                 **({"runtime_env": runtime_env} if runtime_env else {}))
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot join the Ray cluster at {address!r}: {str(e).splitlines()[0] if str(e) else e}; "
                         f"check --ray-address / {ADDRESS_ENV}", where="ray_address") from None
@@ -100,3 +130,53 @@ def connect_ray(address: str) -> None:
 def ray_address_from_env(address: str | None) -> str | None:
     """The cluster to join: ``address`` if given, else ``$EVOMERGE_RAY_ADDRESS``, else None (embedded Ray)."""
     return address or os.environ.get(ADDRESS_ENV) or None
+
+
+def cluster_runtime_env(spec: JobSpec) -> dict[str, Any] | None:
+    """Ray's runtime environment that lets a cluster's workers import the job's ``python`` objectives.
+
+    Workers on other nodes see neither this machine's working directory nor its ``PYTHONPATH``. Each objective's
+    top-level module, found as the scorer finds it (working directory first), is shipped as ``py_modules`` (a
+    package's folder or a single ``.py`` file) unless it is installed (site-packages or the standard library),
+    which the cluster's image is expected to provide. None when there is nothing to ship. Only what the objectives
+    import is sent, never the whole working directory (which may hold models).
+    """
+    modules: list[str] = []
+    for objective in spec.objectives:
+        if objective.task.kind != "python" or not objective.task.function:
+            continue
+        path = module_source(objective.task.function.partition(":")[0].split(".")[0])
+        if path is not None and path not in modules:
+            modules.append(path)
+    return {"py_modules": modules} if modules else None
+
+
+def module_source(name: str) -> str | None:
+    """The file (``.py``) or package folder of top-level module ``name`` as this process would import it with
+    the working directory on the path; None when it is not found or is installed (site-packages, stdlib)."""
+    cwd = str(Path.cwd())
+    added = "" not in sys.path and cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        found = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        found = None
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    if found is None or name == "evomerge":  # evomerge itself must be installed on the cluster already
+        return None
+    if found.submodule_search_locations:
+        source = Path(next(iter(found.submodule_search_locations)))
+    elif found.origin and found.origin.endswith(".py"):
+        source = Path(found.origin)
+    else:
+        return None  # built-in or compiled: nothing a runtime env could ship
+    paths = sysconfig.get_paths()
+    installed = {Path(p).resolve() for p in (*(paths.get(k) for k in ("purelib", "platlib", "stdlib", "platstdlib")),
+                                             *site.getsitepackages(), site.getusersitepackages()) if p}
+    resolved = source.resolve()
+    if any(resolved.is_relative_to(root) for root in installed):
+        return None
+    return str(resolved)

@@ -1,7 +1,8 @@
-"""Fixtures for the worker tests: the digits bed, one local Ray and one pool of two actors for the session.
+"""Fixtures for the worker tests: the digits bed, one local Ray for the session and one pool of two actors.
 
-Starting Ray takes 2-4 s and an actor ~2 s (torch import, model load), so the Ray tests share one pool; each test
-steers the pool's ``control`` objective through files (tests/workers/control_objective.py) and leaves it idle.
+Starting Ray takes 2-4 s and an actor ~2 s (torch import, model load), so the Ray tests of a module share one
+pool; each test steers the pool's ``control`` objective through files (tests/workers/control_objective.py)
+and leaves it idle.
 """
 
 from __future__ import annotations
@@ -80,9 +81,10 @@ def local_ray() -> Iterator[dict | None]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_pool(local_ray: dict | None, workers_bed: Path, control_dir: Path) -> Iterator[Any]:
-    """Two Ray workers scoring the digits spec with the control objective (max_attempts 3)."""
+    """Two Ray workers scoring the digits spec with the control objective (max_attempts 3); closed after the
+    module, so later tests (tests/runner) find the session's Ray free for their own pools."""
     from evomerge.workers import make_executor
 
     executor = make_executor(digits_spec(workers_bed, control_dir), kind="ray", runtime_env=local_ray)

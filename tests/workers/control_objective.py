@@ -5,6 +5,7 @@
 - ``{"sleep": s}``: note ``<dir>/started/<pid>-<ns>``, then sleep ``s`` seconds;
 - ``{"stall_once": [long, short]}``: the first caller (it creates ``<dir>/claimed``) sleeps ``long``, others ``short``;
 - ``{"raise_once": message}``: the first caller raises ``RuntimeError(message)``, others return at once;
+- ``{"give_up": message}``: raises :class:`GiveUp` (a ``BaseException``, not an ``Exception``);
 - ``{"die": true}``: the worker process SIGKILLs itself (a crash mid-candidate).
 
 It returns one score, 1.0. Workers import it by name: the tests put this folder on the workers' PYTHONPATH.
@@ -18,6 +19,10 @@ import signal
 import time
 from pathlib import Path
 from typing import Any
+
+
+class GiveUp(BaseException):
+    """What a user's objective might raise to abandon a candidate (not an ``Exception``)."""
 
 
 def _claim(folder: Path) -> bool:
@@ -44,6 +49,8 @@ def control(model: Any, tokenizer: Any, data: Any, dir: str, **_: Any) -> list[f
     elif "raise_once" in mode:
         if _claim(folder):
             raise RuntimeError(mode["raise_once"])
+    elif "give_up" in mode:
+        raise GiveUp(mode["give_up"])
     elif mode.get("die"):
         os.kill(os.getpid(), signal.SIGKILL)
     return [1.0]

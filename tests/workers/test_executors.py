@@ -43,6 +43,7 @@ def test_inline_and_ray_give_identical_values_and_per_example_scores(ray_pool, i
         assert sorted(a.per_example) == sorted(r.per_example)
         for name in a.per_example:
             np.testing.assert_array_equal(a.per_example[name], r.per_example[name])
+            assert a.per_example[name].flags.writeable and r.per_example[name].flags.writeable
         accuracies.add(round(a.values["acc_0_4"], 6))
         assert a.worker == "inline" and r.worker.startswith("ray:127.0.0.1:")
     assert len(accuracies) >= 4  # the recipes really differ: the comparison is not of one constant
@@ -134,7 +135,9 @@ def test_a_worker_killed_mid_candidate_is_replaced_and_its_task_retried(ray_pool
     assert all(o.status == "done" for o in outcomes)
     retried = [o for o in outcomes if o.attempts == 2]
     assert len(retried) == 1 and all(o.attempts == 1 for o in outcomes if o not in retried)
-    assert retried[0].worker != f"ray:127.0.0.1:{killed[0]}"
+    # The retry ran on the surviving worker, free long before the replacement had loaded the models.
+    (survivor,) = [pid for pid in pids if pid != killed[0]]
+    assert retried[0].worker == f"ray:127.0.0.1:{survivor}"
     assert ray_pool.deaths == deaths + 1
     now = ray_pool.worker_pids()
     assert len(now) == 2 and killed[0] not in now and len(set(now) & set(pids)) == 1
@@ -153,6 +156,7 @@ def test_retries_are_bounded_when_every_attempt_dies(ray_pool, recipe, control):
     assert outcome.values is None and outcome.per_example is None and outcome.worker.startswith("ray")
     assert outcome.error.startswith("the worker died 2 times running this candidate (last: ")
     control(None)  # the replacements are healthy
+    assert len(set(ray_pool.worker_pids())) == 2  # waits until both have loaded
     outcomes = ray_pool.run([Task(i, recipe=recipe(0.5, 0.5)) for i in range(4)])
     assert all(o.status == "done" and o.attempts == 1 for o in outcomes) and len(outcomes) == 4
     assert len({o.worker for o in outcomes}) == 2
@@ -244,3 +248,136 @@ def test_a_model_that_cannot_load_is_the_users_error_before_any_task(local_ray, 
         InlineExecutor(broken)
     with pytest.raises(UserError, match="nowhere"):
         RayExecutor(broken)
+
+
+def hog_free_cpus(leave: float) -> object:
+    """An actor holding all free CPUs of the local Ray but ``leave``: another job taking what a death freed."""
+    import ray
+
+    free = ray.available_resources().get("CPU", 0.0)
+
+    class Hog:
+        def ping(self) -> int:
+            return 1
+
+    hog = ray.remote(num_cpus=round(free - leave, 2))(Hog).remote()
+    ray.get(hog.ping.remote(), timeout=30)
+    return hog
+
+
+def wait_for_free_cpus(at_least: float) -> None:
+    import ray
+
+    deadline = time.monotonic() + 15
+    while ray.available_resources().get("CPU", 0.0) < at_least and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def run_with_deadline(executor, tasks, seconds: float = 30.0):
+    """executor.run in a thread: its outcomes, its exception raised here, or None if it did not return within
+    ``seconds`` (a hang fails the test instead of hanging it)."""
+    done: list = []
+
+    def target() -> None:
+        try:
+            done.append(executor.run(tasks))
+        except BaseException as e:  # noqa: BLE001 - raised again in the test's thread
+            done.append(e)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if done and isinstance(done[0], BaseException):
+        raise done[0]
+    return done[0] if done else None
+
+
+def test_a_worker_dead_while_idle_costs_no_attempt_and_its_replacement_holds_no_task(ray_pool, recipe, control):
+    import ray
+
+    pids, deaths = ray_pool.worker_pids(), ray_pool.deaths
+    free = ray.available_resources().get("CPU", 0.0)
+    os.kill(pids[0], signal.SIGKILL)  # dies between runs, while idle
+    wait_for_free_cpus(free + 0.9)
+    hog = hog_free_cpus(leave=0.5)  # the freed CPU is taken: the replacement cannot be placed for now
+    ray_pool.max_attempts = 1
+    try:
+        outcomes = run_with_deadline(ray_pool, [Task(i, recipe=recipe(0.5, 0.5)) for i in range(4)])
+    finally:
+        ray_pool.max_attempts = 3
+        ray.kill(hog)
+    assert outcomes is not None, "run() hung on a replacement that could not be placed"
+    # Every task ran once, on the surviving worker; the task sent to the dead one counted no attempt.
+    assert sorted(o.index for o in outcomes) == [0, 1, 2, 3]
+    assert all(o.status == "done" and o.attempts == 1 for o in outcomes)
+    assert {o.worker for o in outcomes} == {f"ray:127.0.0.1:{pids[1]}"}
+    assert ray_pool.deaths == deaths + 1
+    now = ray_pool.worker_pids()  # the hog is gone: the replacement was placed and loaded
+    assert pids[0] not in now and pids[1] in now and len(set(now)) == 2
+    # The replacement, loaded but never given a task, dies too: still no attempt spent.
+    (replacement,) = set(now) - {pids[1]}
+    os.kill(replacement, signal.SIGKILL)
+    time.sleep(0.2)
+    ray_pool.max_attempts = 1
+    try:
+        outcomes = ray_pool.run([Task(i, recipe=recipe(0.5, 0.5)) for i in range(4)])
+    finally:
+        ray_pool.max_attempts = 3
+    assert all(o.status == "done" and o.attempts == 1 for o in outcomes) and len(outcomes) == 4
+    assert ray_pool.deaths == deaths + 2
+
+
+def test_a_replacement_that_cannot_start_or_load_is_the_users_error(local_ray, workers_bed, recipe, tmp_path):
+    import shutil
+
+    import ray
+
+    bed = shutil.copytree(workers_bed, tmp_path / "bed")
+    executor = make_executor(digits_spec(bed, workers=1), kind="ray", runtime_env=local_ray)
+    try:
+        (pid,) = executor.worker_pids()
+        free = ray.available_resources().get("CPU", 0.0)
+        os.kill(pid, signal.SIGKILL)
+        wait_for_free_cpus(free + 0.9)
+        hog = hog_free_cpus(leave=0.5)
+        executor.start_timeout = 0.5
+        try:
+            # Nobody can take the task: not placed within the limit is the cluster's lack of resources.
+            with pytest.raises(UserError, match="resources.workers: no worker is ready: Ray could not place a "
+                                                "replacement worker within 0.5 s; the cluster lacks the resources"):
+                run_with_deadline(executor, [Task(0, recipe=recipe(0.5, 0.5))])
+            shutil.rmtree(bed / "base")  # and when it is placed, it cannot load
+        finally:
+            executor.start_timeout = 300.0
+            ray.kill(hog)
+        with pytest.raises(UserError, match=r"a replacement Ray worker could not load the models: .*bed/base"):
+            executor.run([Task(0, recipe=recipe(0.5, 0.5))])
+        assert executor.deaths == 1
+    finally:
+        executor.close()
+
+
+def test_placement_and_loading_have_their_own_limits(local_ray, workers_bed):
+    spec = digits_spec(workers_bed, workers=1)
+    data = spec.model_dump(mode="json", exclude_none=True)
+    data["objectives"].append({"name": "slow", "task": {"kind": "python", "function": "slow_objective:score"}})
+    slow = type(spec).from_dict(data)  # importing slow_objective takes 3 s: a slow load, not a small cluster
+    with pytest.raises(UserError, match="models: the workers were placed but 1 of 1 had not loaded the models "
+                                        "within 1 s"):
+        RayExecutor(slow, load_timeout=1.0, runtime_env=local_ray)
+    with pytest.raises(UserError, match="resources.workers: Ray placed only [01] of 2 workers within 1 s; the "
+                                        "cluster lacks the resources"):
+        RayExecutor(digits_spec(workers_bed, workers=2), start_timeout=1.0, runtime_env=local_ray)
+
+
+def test_an_objective_raising_a_base_exception_fails_only_its_candidate(ray_pool, inline_pool, recipe, control):
+    deaths = ray_pool.deaths
+    for executor in (inline_pool, ray_pool):
+        control({"give_up": "the user gave up"})
+        outcomes = executor.run([Task(i, recipe=recipe(0.5, 0.5)) for i in range(3)])
+        assert len(outcomes) == 3
+        assert all(o.status == "failed" and o.error == "GiveUp: the user gave up" and o.attempts == 1
+                   for o in outcomes), [o.error for o in outcomes]
+    assert ray_pool.deaths == deaths
+    control(None)
+    assert all(o.status == "done" for o in ray_pool.run([Task(0, recipe=recipe(0.5, 0.5))]))
