@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import socket
 import site
 import sys
 import sysconfig
@@ -119,12 +120,28 @@ def connect_ray(address: str, runtime_env: dict[str, Any] | None = None) -> None
 
     if ray.is_initialized():
         return
+    probe_address(address)
     try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, namespace="evomerge",
                  **({"runtime_env": runtime_env} if runtime_env else {}))
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot join the Ray cluster at {address!r}: {str(e).splitlines()[0] if str(e) else e}; "
                         f"check --ray-address / {ADDRESS_ENV}", where="ray_address") from None
+
+
+def probe_address(address: str, timeout: float = 5.0) -> None:
+    """Fail fast, in one line, when nothing listens at a ``host:port`` or ``ray://host:port`` address: Ray itself
+    retries for minutes. Other forms (``auto``, ``local``) are left to Ray."""
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise UserError(f"nothing answers at {address!r} ({e.strerror or e}); start the cluster (`ray start --head`) "
+                        f"or fix --ray-address / {ADDRESS_ENV}", where="ray_address") from None
 
 
 def ray_address_from_env(address: str | None) -> str | None:

@@ -78,7 +78,8 @@ def test_kill_9_before_the_first_checkpoint_then_two_resumes_at_once_one_wins(di
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_cancel_of_a_killed_run_cancels_at_once_and_sigint_leaves_a_resumable_search(digits: Path, db_url: str,
                                                                                       tmp_path: Path) -> None:
-    spec_path = write_spec(tmp_path, "a", job(digits, budget=24, pause={"seconds": 0.1}, holdout=False))
+    # 0.2 s per candidate: the Ctrl-C below comes ~4 s before the run could end, even on a loaded machine
+    spec_path = write_spec(tmp_path, "a", job(digits, budget=24, pause={"seconds": 0.2}, holdout=False))
     with Store(db_url) as store:
         # kill -9 mid-search, then `cancel`: nobody is left to turn `cancelling` into `cancelled`, so cancel does
         victim = start("run", spec_path, "--db", db_url, "--executor", "inline")
@@ -92,7 +93,7 @@ def test_cancel_of_a_killed_run_cancels_at_once_and_sigint_leaves_a_resumable_se
 
         # Ctrl-C: exit 130, `cancelled (interrupted)`, pending rows kept
         interrupted = start("run", spec_path, "--db", db_url, "--executor", "inline")
-        sid = _wait(store, interrupted, lambda s, i: i != killed and s.count_candidates(i)["done"] >= 8,
+        sid = _wait(store, interrupted, lambda s, i: i != killed and s.count_candidates(i)["done"] >= 4,
                     "no progress")
         interrupted.send_signal(signal.SIGINT)
         _, stderr = interrupted.communicate(timeout=60)

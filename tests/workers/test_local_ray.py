@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from evomerge.errors import UserError
-from evomerge.workers.local_ray import require_loopback
+from evomerge.workers.local_ray import probe_address, require_loopback
 from evomerge.workers.ray_pool import died_message, error_line
 
 HERE = Path(__file__).parent
@@ -132,3 +133,19 @@ def test_python_objectives_importable_here_are_shipped_to_a_joined_cluster(worke
     workers.make_executor(spec, kind="ray", ray_address="10.0.0.7:6379", runtime_env={"pip": ["x"]})
     workers.make_executor(spec, kind="ray", ray_address="10.0.0.7:6379", allow_python=False)
     assert joined[1:] == [("10.0.0.7:6379", None)] * 2  # the caller's own env, or no python objectives: nothing
+
+
+def test_an_address_where_nothing_listens_fails_at_once_in_one_line() -> None:
+    """Ray retries an unreachable address for minutes; evomerge probes it first."""
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there now
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(UserError) as e:
+            probe_address(address, timeout=2)
+        assert e.value.where == "ray_address" and "nothing answers" in str(e.value)
+    with socket.socket() as server:  # something listens: no error
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        probe_address(f"127.0.0.1:{server.getsockname()[1]}", timeout=2)
+    probe_address("auto")  # left to Ray
