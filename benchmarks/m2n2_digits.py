@@ -12,8 +12,15 @@ Rows (paper numbers beside them):
 * from scratch, 50k forward passes: M2N2 (weights space, two random seeds N(0, 0.01²), mutation σ = 0.01) ≈ 87% /
   CMA-ES ≈ 86% / M2N2 without crossover (parent 1 + mutation) ≈ 77%;
 * from the two pre-trained seeds (``seeds/seed_0_4``, ``seeds/seed_5_9``), 10k passes, coefficient fields: M2N2
-  ≈ 68.5% / without attraction ≈ 66% / without split point (brute-force SLERP) 57.7%;
+  ≈ 68.5% / without attraction ≈ 66%; M2N2 without split point (one SLERP ratio per child, ours, no paper number);
+* the paper's 57.7% baseline is the reference's brute force over SLERP ratios (``seeds/slerp-brute-force``: 10,000
+  ratios t ∈ [0, 1] between the two seeds, the best on train; deterministic, one run). Compare the *gains* of M2N2
+  over it (``comparisons`` in the JSON): the beds differ (our seeds are not the paper's), the absolute numbers do not;
 * ``ask(n=2)`` variants of both M2N2 rows: two children bred from the same archive, told one after the other.
+
+``timing`` in the JSON: seconds per 1k passes of ``seeds/m2n2`` and ``scratch/m2n2`` measured alone in the main
+process before the pool starts, with the load average beside them (the per-row ``seconds_per_1k_passes`` are
+measured with ``--workers`` runs in parallel and whatever else runs on the machine).
 
 The optimizer is driven in-process (ask → decode → score → tell); candidates are scored by a numpy forward of the
 MLP on the flat weight vector in the space's canonical order (sorted tensor names), float32 like the models.
@@ -23,6 +30,7 @@ at 19,210 dimensions here (FINDINGS). Runs go to ``--workers`` processes (defaul
 
     .venv/bin/python benchmarks/m2n2_digits.py                          # the full table (~10 min on 2 cores)
     .venv/bin/python benchmarks/m2n2_digits.py --seeds 1 --scale 0.1    # smoke run (10% budgets)
+    .venv/bin/python benchmarks/m2n2_digits.py --rows seeds/m2n2 --seeds 8 --merge   # rerun rows, keep the others
 """
 
 from __future__ import annotations
@@ -62,9 +70,11 @@ ROWS: dict[str, tuple[str, int, dict[str, Any], int]] = {
     "seeds/m2n2-no-split-point": ("seeds", 10_000, {"split_point": False}, 1),
     "seeds/m2n2-ask2": ("seeds", 10_000, {}, 2),
     "seeds/m2n2-tensor-splits": ("seeds", 10_000, {"split_granularity": "tensor"}, 1),
+    "seeds/slerp-brute-force": ("bruteforce", 10_000, {}, 1),
 }
 PAPER = {"scratch/m2n2": 87.0, "scratch/cmaes": 86.0, "scratch/m2n2-no-crossover": 77.0, "seeds/m2n2": 68.5,
-         "seeds/m2n2-no-attraction": 66.0, "seeds/m2n2-no-split-point": 57.7}
+         "seeds/m2n2-no-attraction": 66.0, "seeds/slerp-brute-force": 57.7}
+DETERMINISTIC = {"seeds/slerp-brute-force"}  # one run whatever --seeds says
 
 
 # ------------------------------------------------------------------------------------------------- the bed
@@ -161,6 +171,37 @@ def run_cmaes(d: Digits, passes: int, popsize: int, seed: int, log_every: int) -
     return {"curve": curve, "train": curve[-1][1], "test": curve[-1][2], "seconds": time.perf_counter() - start}
 
 
+def run_bruteforce(d: Digits, passes: int, log_every: int) -> dict[str, Any]:
+    """The reference's baseline: SLERP between the two seeds at ``passes`` ratios evenly spaced over [0, 1], the
+    one with the best train accuracy (the first of equals) reported on test."""
+    from evomerge.search.spaces.fields import cosine, slerp_scales
+
+    a, b = d.seeds
+    cos_omega = cosine(float(a @ b), float(a @ a), float(b @ b))
+    curve, start = [], time.perf_counter()
+    best_train, best_x = -1.0, a
+    for k, t in enumerate(np.linspace(0.0, 1.0, passes)):
+        sa, sb = slerp_scales(float(t), cos_omega)
+        x = sa * a + sb * b
+        acc = float(d.correct(x).mean())
+        if acc > best_train:
+            best_train, best_x = acc, x
+        if (k + 1) % log_every == 0 or k + 1 == passes:
+            curve.append([k + 1, best_train, float(d.correct(best_x, "test").mean())])
+    return {"curve": curve, "train": curve[-1][1], "test": curve[-1][2], "seconds": time.perf_counter() - start}
+
+
+def timing(d: Digits, passes: int = 2000) -> dict[str, Any]:
+    """Seconds per 1k passes of the two M2N2 settings alone in this process (ask, materialize, score, tell)."""
+    out: dict[str, Any] = {"passes": passes, "load_before": [round(v, 2) for v in os.getloadavg()]}
+    for row in ("seeds/m2n2", "scratch/m2n2"):
+        setting, _, options, batch = ROWS[row]
+        result = run_m2n2(d, setting, passes, options, batch, 0, passes)
+        out[row] = round(1000 * result["seconds"] / passes, 2)
+    out["load_after"] = [round(v, 2) for v in os.getloadavg()]
+    return out
+
+
 def run_one(job: tuple[str, int, str, float, int]) -> tuple[str, int, dict[str, Any]]:
     row, seed, bed, scale, log_every = job
     setting, passes, options, batch = ROWS[row]
@@ -168,6 +209,8 @@ def run_one(job: tuple[str, int, str, float, int]) -> tuple[str, int, dict[str, 
     d = Digits(Path(bed))
     if setting == "cmaes":
         result = run_cmaes(d, passes, batch, seed, log_every)
+    elif setting == "bruteforce":
+        result = run_bruteforce(d, passes, log_every)
     else:
         result = run_m2n2(d, setting, passes, options, batch, seed, log_every)
     result["passes"] = passes
@@ -205,6 +248,28 @@ def plot(results: dict[str, dict[int, dict[str, Any]]], out: Path) -> None:
     fig.savefig(out, dpi=120)
 
 
+def compare(table: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """The claims the table supports, in words: M2N2's gain over the brute-force SLERP baseline here and in the
+    paper (the seeds differ between the beds, so gains compare, absolute numbers do not)."""
+    out = {}
+    base = table.get("seeds/slerp-brute-force")
+    for row in ("seeds/m2n2", "seeds/m2n2-no-attraction", "seeds/m2n2-no-split-point", "seeds/m2n2-ask2",
+                "seeds/m2n2-tensor-splits"):
+        if base is None or row not in table:
+            continue
+        here = table[row]["test_mean"] - base["test_mean"]
+        text = f"{row}: {here:+.1f} points of test accuracy over brute-force SLERP ({base['test_mean']:.1f}%) here"
+        if table[row]["paper"] is not None:
+            text += f", {table[row]['paper'] - base['paper']:+.1f} in the paper ({base['paper']:.1f}%)"
+        out[row] = text
+    if "seeds/m2n2" in table and "seeds/m2n2-ask2" in table:
+        a, b = table["seeds/m2n2"], table["seeds/m2n2-ask2"]
+        out["ask2"] = (f"seeds: ask(2) {b['test_mean']:.2f} ± {b['test_std']:.2f} ({b['runs']} runs) vs ask(1) "
+                       f"{a['test_mean']:.2f} ± {a['test_std']:.2f} ({a['runs']} runs): "
+                       f"{b['test_mean'] - a['test_mean']:+.1f} points")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
@@ -214,13 +279,22 @@ def main() -> None:
     parser.add_argument("--bed", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "evomerge-m2n2-digits")
     parser.add_argument("--log-every", type=int, default=500)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "m2n2_digits.json")
+    parser.add_argument("--merge", action="store_true", help="Keep the rows of --out that are not rerun.")
+    parser.add_argument("--no-timing", action="store_true", help="Skip the single-process timing.")
     args = parser.parse_args()
 
     from evomerge.testbeds import build
 
     bed = build("digits", args.bed, seed=0)
     load_before = os.getloadavg()
-    jobs = [(row, seed, str(bed), args.scale, args.log_every) for row in args.rows for seed in range(args.seeds)]
+    previous = json.loads(args.out.read_text()) if args.merge and args.out.exists() else None
+    measured = None if args.no_timing else timing(Digits(bed))
+    if measured is None and previous is not None:
+        measured = previous.get("timing")
+    if measured is not None:
+        say(f"timing: {measured}")
+    jobs = [(row, seed, str(bed), args.scale, args.log_every) for row in args.rows
+            for seed in range(1 if row in DETERMINISTIC else args.seeds)]
     jobs.sort(key=lambda j: -ROWS[j[0]][1])  # longest first
     say(f"{len(jobs)} runs on {args.workers} processes")
     start = time.perf_counter()
@@ -239,13 +313,18 @@ def main() -> None:
             results[row][seed] = result
             say(f"{row} seed {seed}: test {result['test']:.4f} ({result['seconds']:.0f} s)")
     wall = time.perf_counter() - start
+    if previous is not None:  # rows not rerun keep their runs; the table is recomputed from all runs
+        kept = {row: {int(s): r for s, r in runs.items()} for row, runs in previous["runs"].items()
+                if row not in results}
+        results = {**kept, **results}
+        results = {row: results[row] for row in [*ROWS, *results] if row in results}
 
     table = {}
     for row, runs in results.items():
         tests = [100 * r["test"] for r in runs.values()]
         passes = next(iter(runs.values()))["passes"]
         seconds = [r["seconds"] for r in runs.values()]
-        table[row] = {"test_mean": round(statistics.mean(tests), 2),
+        table[row] = {"runs": len(tests), "test_mean": round(statistics.mean(tests), 2),
                       "test_std": round(statistics.stdev(tests), 2) if len(tests) > 1 else 0.0,
                       "train_mean": round(100 * statistics.mean(r["train"] for r in runs.values()), 2),
                       "passes": passes, "seconds_per_1k_passes": round(1000 * statistics.mean(seconds) / passes, 2),
@@ -256,6 +335,9 @@ def main() -> None:
         print(f"{row:32s} {t['test_mean']:>12.2f} ± {t['test_std']:<5.2f} {paper:>6s} {t['train_mean']:>8.2f} "
               f"{t['seconds_per_1k_passes']:>12.2f}")
     print(f"wall time {wall:.0f} s on {args.workers} processes")
+    comparisons = compare(table)
+    for line in comparisons.values():
+        print(line)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     png = args.out.with_suffix(".png")
     try:
@@ -265,7 +347,9 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "benchmark": "m2n2_digits", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seeds": args.seeds, "scale": args.scale, "workers": args.workers, "wall_seconds": round(wall, 1),
-        "table": table, "runs": {row: {str(s): r for s, r in runs.items()} for row, runs in results.items()},
+        "merged_from": None if previous is None else previous.get("date"),
+        "timing": measured, "comparisons": comparisons, "table": table,
+        "runs": {row: {str(s): r for s, r in runs.items()} for row, runs in results.items()},
         "plot": None if png is None else (str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png)),
         "machine": machine_info(1, load_before, os.getloadavg())}, indent=1))
     say(f"wrote {args.out}")

@@ -14,7 +14,7 @@ import numpy as np
 
 # Past these sizes the space refuses: a prefix Gram costs (P + 1)·S² float64 numbers, a weights archive P per member.
 MAX_GRAM_VALUES = 64_000_000  # 512 MB
-MAX_WEIGHTS_PARAMS = 5_000_000
+MAX_WEIGHTS_PARAMS = 1_000_000  # 8 MB per genome; ≈ 10.7 MB of JSON per member per checkpoint
 
 
 # --------------------------------------------------------------------------------------------------- layout

@@ -21,6 +21,8 @@ from evomerge.merging.flat import MAX_GRAM_VALUES, FlatLayout, SeedGeometry, See
 if TYPE_CHECKING:
     from evomerge.merging.modelset import ModelSet
 
+GRAM_CHUNK = 1 << 22  # flat elements per seed per step of a per-tensor Gram: 32 MB of float64 per seed
+
 
 def flat_layout(model_set: "ModelSet") -> FlatLayout:
     """The canonical flat order of ``model_set``'s floating tensors (sorted names, sizes)."""
@@ -49,11 +51,12 @@ def seed_matrix(model_set: "ModelSet", seeds: Sequence[str], layout: FlatLayout 
 
 
 def seed_gram(model_set: "ModelSet", seeds: Sequence[str], layout: FlatLayout, granularity: str = "element",
-              max_values: int = MAX_GRAM_VALUES) -> SeedGram:
+              max_values: int = MAX_GRAM_VALUES, chunk: int = GRAM_CHUNK) -> SeedGram:
     """The seeds' dot products over segments, streamed tensor by tensor (float64).
 
     ``element``: ``cum[e] = Σ_{e' < e} θ_e' θ_e'ᵀ`` for every flat offset e; ``tensor``: the same at tensor
-    boundaries only. Raises :class:`UserError` naming ``split_granularity`` when the prefix would be too large.
+    boundaries only, each tensor's Gram accumulated over chunks of ``chunk`` elements (:func:`tensor_gram`).
+    Raises :class:`UserError` naming ``split_granularity`` when the prefix would be too large.
     """
     s = len(seeds)
     offsets = layout.offsets
@@ -74,9 +77,21 @@ def seed_gram(model_set: "ModelSet", seeds: Sequence[str], layout: FlatLayout, g
         return SeedGram(cum)
     cum = np.zeros((len(layout.names) + 1, s, s))
     for k, name in enumerate(layout.names):
-        x = torch.stack([seed_tensor(model_set, seed, name).to(torch.float64).reshape(-1) for seed in seeds])
-        cum[k + 1] = cum[k] + (x @ x.T).numpy()
+        cum[k + 1] = cum[k] + tensor_gram([seed_tensor(model_set, seed, name) for seed in seeds], chunk)
     return SeedGram(cum, offsets.copy())
+
+
+def tensor_gram(tensors: Sequence[torch.Tensor], chunk: int = GRAM_CHUNK) -> np.ndarray:
+    """``G[i, j] = <θ_i, θ_j>`` over one tensor of every seed, in float64, accumulated ``X_c X_cᵀ`` over chunks of
+    ``chunk`` flat elements: memory S·chunk float64 numbers, not S whole tensors (a 128256×4096 embedding of 3
+    seeds would take 12.6 GB at once)."""
+    flats = [t.reshape(-1) for t in tensors]
+    n = flats[0].numel()
+    gram = torch.zeros((len(flats), len(flats)), dtype=torch.float64)
+    for start in range(0, n, max(1, int(chunk))):
+        x = torch.stack([f[start:start + chunk].to("cpu", torch.float64) for f in flats])
+        gram += x @ x.T
+    return gram.numpy()
 
 
 def seed_geometry(model_set: "ModelSet", seeds: Sequence[str] = (), granularity: str = "element") -> SeedGeometry:
@@ -100,4 +115,5 @@ def write_flat(live: Mapping[str, torch.Tensor], vector: np.ndarray | torch.Tens
             target.copy_(flat[offsets[k]:offsets[k + 1]].reshape(target.shape))
 
 
-__all__ = ["flat_layout", "flat_vector", "seed_gram", "seed_geometry", "seed_matrix", "seed_tensor", "write_flat"]
+__all__ = ["GRAM_CHUNK", "flat_layout", "flat_vector", "seed_gram", "seed_geometry", "seed_matrix", "seed_tensor",
+           "tensor_gram", "write_flat"]

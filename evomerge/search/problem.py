@@ -38,7 +38,9 @@ class Problem:
     scalarize: Scalarization = "mean"
     weights: tuple[float, ...] | None = None
     budget: int = 100
-    names: tuple[str, ...] | None = field(default=None, repr=False)  # one label per genome coordinate
+    names: tuple[str, ...] | None = field(default=None, repr=False)  # labels for reports (per coordinate, or per
+    # tensor range for a weights space)
+    objectives: tuple[str, ...] | None = field(default=None, repr=False)  # objective names, in value order
     # The space the genomes belong to, for optimizers that work on its representation (M2N2's coefficient fields
     # and weight vectors); None for a bare box.
     space: "Space | None" = field(default=None, repr=False)
@@ -100,7 +102,7 @@ class Problem:
                    directions=tuple(o.direction for o in spec.objectives),  # type: ignore[misc]
                    scalarize=spec.algorithm.scalarize, weights=tuple(o.weight for o in spec.objectives),
                    budget=spec.budget.evaluations if budget is None else budget, names=tuple(space.names()),
-                   space=space)
+                   objectives=tuple(o.name for o in spec.objectives), space=space)
 
 
 def as_values(values: Sequence[Sequence[float]] | np.ndarray, n_obj: int) -> np.ndarray:

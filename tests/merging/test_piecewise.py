@@ -14,7 +14,7 @@ import yaml
 from evomerge.errors import RecipeError
 from evomerge.evaluation import Evaluator
 from evomerge.merging import ModelSet, Recipe
-from evomerge.merging.geometry import flat_layout, flat_vector, seed_geometry, seed_matrix
+from evomerge.merging.geometry import flat_layout, flat_vector, seed_geometry, seed_gram, seed_matrix, tensor_gram
 from evomerge.search.optimizers.m2n2 import M2N2, with_space
 from evomerge.search.problem import Problem
 from evomerge.search.spaces.fields import (Field, FieldsSpace, cosine, crossover_fields, crossover_weights,
@@ -66,6 +66,16 @@ def test_geometry_gram_is_the_seeds_dot_products(family64) -> None:
     np.testing.assert_allclose(per_tensor.between(o[:-1], o[1:]), geo.gram.between(o[:-1], o[1:]), rtol=1e-10)
     with pytest.raises(ValueError, match="tensor boundary"):
         per_tensor.between(np.array([1]), np.array([o[1]]))
+    chunked = seed_gram(ms, seeds, layout, "tensor", chunk=7)  # bounded memory, the same Gram
+    np.testing.assert_allclose(chunked.cum, per_tensor.cum, rtol=1e-12, atol=1e-12)
+
+
+def test_a_tensor_gram_over_chunks_equals_the_whole_product() -> None:
+    rng = np.random.default_rng(0)
+    tensors = [torch.from_numpy(rng.standard_normal((5, 7))).to(torch.bfloat16) for _ in range(3)]
+    x = np.stack([t.to(torch.float64).reshape(-1).numpy() for t in tensors])
+    for chunk in (1, 3, 35, 1000):  # 35 = the whole tensor in one step
+        np.testing.assert_allclose(tensor_gram(tensors, chunk), x @ x.T, rtol=1e-13, atol=1e-13)
 
 
 def test_a_child_materializes_through_the_engine_to_the_split_slerp_of_its_parents(family64) -> None:

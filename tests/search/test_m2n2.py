@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -87,9 +88,16 @@ def test_replacement_rule_in_the_optimizer() -> None:
 
 
 def test_per_example_scores_concatenate_objectives_and_turn_losses_into_likelihoods() -> None:
-    got = example_scores({"acc": np.array([1.0, 0.0]), "nll": np.array([0.0, np.log(2)])}, np.array([0.5, 0.3]),
-                         ("maximize", "minimize"))
-    np.testing.assert_allclose(got, [1.0, 0.0, 1.0, 0.5])
+    pe = {"nll": np.array([0.0, np.log(2)]), "acc": np.array([1.0, 0.0])}  # keys out of the objectives' order
+    got = example_scores(pe, np.array([0.5, 0.3]), ("maximize", "minimize"), ("acc", "nll"))
+    np.testing.assert_allclose(got, [1.0, 0.0, 1.0, 0.5])  # matched by name: acc maximized, nll → exp(−nll)
+    with pytest.raises(ValueError, match="objectives are"):
+        example_scores({"acc": np.ones(2), "loss": np.ones(2)}, np.array([0.5, 0.3]), ("maximize", "minimize"),
+                       ("acc", "nll"))
+    with pytest.raises(ValueError, match="different directions"):  # no names: never a guess
+        example_scores(pe, np.array([0.5, 0.3]), ("maximize", "minimize"))
+    with pytest.raises(ValueError, match="2 objective"):
+        example_scores(pe, np.array([0.5]), ("maximize",))
     np.testing.assert_allclose(example_scores(None, np.array([0.7]), ("maximize",)), [0.7])
 
 
@@ -281,9 +289,119 @@ def test_tensor_fields_decode_to_linear_recipes_whose_filters_hit_their_own_tens
 def test_weights_space_refuses_large_models_naming_the_space_kind() -> None:
     from evomerge.search.spaces.fields import SeedGeometry
 
-    big = SeedGeometry(FlatLayout.of({"w": 6_000_000}))
-    with pytest.raises(SpecError, match="5,000,000") as info:
+    big = SeedGeometry(FlatLayout.of({"w": 1_000_001}))
+    with pytest.raises(SpecError, match="1,000,000") as info:
         WeightsSpace.from_spec(spec("weights", mutation_sigma=0.01), None, geometry=big)
     assert info.value.where == "space.kind"
     small = WeightsSpace.from_spec(spec("weights"), None, geometry=SeedGeometry(LAYOUT))
     assert small.dim == P and small.decode(np.arange(P, dtype=float)).dtype == np.float32
+
+
+def test_weights_space_labels_tensor_ranges_not_every_weight() -> None:
+    space = WeightsSpace(LAYOUT)
+    assert space.names() == ["a.bias[0:4]", "a.weight[4:16]", "b.bias[16:19]", "b.weight[19:27]"]
+    assert len(WeightsSpace(FlatLayout.of({"w": 1_000_000})).names()) == 1
+
+
+# ------------------------------------------------------------------------------------------ tell validation
+
+
+def told(opt: M2N2) -> tuple:
+    return (opt.num_told, opt.num_failed, opt.front().indices, [m.index for m in opt.members],
+            json.dumps(opt.state_dict()))
+
+
+def test_a_per_example_mismatch_raises_before_anything_changes() -> None:
+    opt = optimizer(fields_space(seeds_matrix()), {"archive_size": 3})
+    g = opt.ask(3)
+    opt.tell(g[:2], [[0.5], [0.5]], [{"acc": np.array([1.0, 0.0])}, {"acc": np.array([0.0, 1.0])}])
+    before = told(opt)
+    with pytest.raises(ValueError, match="3 per-example scores, the archive 2"):
+        opt.tell([g[2]], [[1.0]], [{"acc": np.ones(3)}])
+    with pytest.raises(ValueError, match="objective"):  # a dict with another objective count
+        opt.tell([g[2]], [[1.0]], [{"acc": np.ones(2), "nll": np.ones(2)}])
+    with pytest.raises(ValueError, match="archive 2"):  # inside one batch: the first sets the width
+        fresh = optimizer(fields_space(seeds_matrix()), {"archive_size": 3})
+        fresh.tell(g[:2], [[1.0], [1.0]], [{"acc": np.ones(2)}, {"acc": np.ones(3)}])
+    assert fresh.num_told == 0 and fresh.front().indices == []
+    assert told(opt) == before
+
+
+def test_non_finite_per_example_scores_make_a_failed_candidate() -> None:
+    opt = optimizer(fields_space(seeds_matrix()), {"archive_size": 3})
+    g = opt.ask(4)
+    opt.tell(g[:2], [[0.5], [0.5]], [{"acc": np.array([1.0, 0.0])}, {"acc": np.array([0.0, 1.0])}])
+    opt.tell(g[2:], [[0.9], [0.8]], [{"acc": np.array([np.nan, 1.0])}, {"acc": np.array([np.inf, 1.0])}])
+    assert [m.index for m in opt.members] == [0, 1] and opt.num_failed == 2 and opt.num_told == 4
+    assert opt.front().indices == [0]  # the 0.9 and 0.8 values of the failed ones do not count
+    np.testing.assert_allclose(opt.archive_fitness(), [1.0, 1.0])
+
+
+def test_objectives_are_matched_by_name_when_the_problem_names_them() -> None:
+    space = fields_space(seeds_matrix())
+    problem = with_space(Problem(dim=space.dim, lower=space.lower, upper=space.upper,
+                                 directions=("maximize", "minimize")), space)
+    if "objectives" in {f.name for f in dataclasses.fields(Problem)}:
+        problem = dataclasses.replace(problem, objectives=("acc", "nll"))
+    else:  # until Problem carries the spec's objective names
+        object.__setattr__(problem, "objectives", ("acc", "nll"))
+    opt = M2N2(problem, {"archive_size": 3}, 0)
+    g = opt.ask(2)
+    opt.tell(g, [[1.0, 0.0], [0.0, 0.0]], [{"nll": np.array([0.0]), "acc": np.array([1.0])},
+                                           {"acc": np.array([0.0]), "nll": np.array([np.log(2)])}])
+    np.testing.assert_allclose([m.scores for m in opt.members], [[1.0, 1.0], [0.0, 0.5]])
+    with pytest.raises(ValueError, match="objectives are"):
+        opt.tell(opt.ask(1), [[1.0, 0.0]], [{"acc": np.array([1.0]), "loss": np.array([0.0])}])
+
+
+# --------------------------------------------------------------------------------------- parent selection
+
+
+ARCHIVE_SCORES = np.array([[1, 1, 0], [1, 0, 0], [0, 1, 1]], dtype=float)  # f = [1, .5, 1.5]
+
+
+def archive_of_basis_vectors(options: dict) -> tuple[M2N2, np.ndarray]:
+    """Three members e_0, e_1, e_2 (orthonormal: Ω = π/2) with the hand-example scores."""
+    opt = optimizer(WeightsSpace(LAYOUT), {"archive_size": 3, **options}, seed=5)
+    opt.ask(opt.options.scratch_seeds)  # the seeds are out: asks breed from now on
+    basis = np.eye(P)[:3]
+    opt.tell(list(basis), [[s.mean()] for s in ARCHIVE_SCORES], [{"acc": s} for s in ARCHIVE_SCORES])
+    return opt, basis
+
+
+def test_parent_one_is_drawn_in_proportion_to_fitness() -> None:
+    opt, basis = archive_of_basis_vectors({"crossover": False, "mutation_sigma": 1e-6})
+    n = 3000
+    p1 = np.bincount([int(np.argmax(opt.breed()[:3])) for _ in range(n)], minlength=3)
+    f = fitness(ARCHIVE_SCORES, 1.0)
+    np.testing.assert_allclose(p1 / n, f / f.sum(), atol=0.03)  # [1/3, 1/6, 1/2]; uniform would be 1/3 each
+
+
+def test_parent_two_is_drawn_by_attraction_to_parent_one() -> None:
+    """Orthogonal parents: the child lives on exactly {p1, p2}; the pair frequencies follow P(p1) · P(p2 | p1)
+    with P(p2 | p1) ∝ g(p1): {0, 2}: 1/3 + 1/2 · 1/2, {0, 1}: 1/6 · 1/4, {1, 2}: 1/6 · 3/4 + 1/2 · 1/2."""
+    opt, _ = archive_of_basis_vectors({"split_point": False})
+    n = 3000
+    pairs: dict[tuple[int, ...], int] = {}
+    for _ in range(n):
+        support = tuple(int(i) for i in np.flatnonzero(np.abs(opt.breed()) > 1e-12))
+        pairs[support] = pairs.get(support, 0) + 1
+    assert set(pairs) <= {(0, 1), (0, 2), (1, 2)}  # p2 ≠ p1, never outside the archive
+    got = [pairs.get(k, 0) / n for k in [(0, 2), (0, 1), (1, 2)]]
+    np.testing.assert_allclose(got, [7 / 12, 1 / 24, 3 / 8], atol=0.03)  # p1 uniform: [.5, .083, .417]
+
+
+def test_weights_state_stores_each_genome_once() -> None:
+    layout = FlatLayout.of({"w": 20_000})
+    space = WeightsSpace(layout)
+    opt = optimizer(space, {"archive_size": 4, "mutation_sigma": 0.01}, seed=1)
+    probe = np.random.default_rng(2).standard_normal((6, layout.size))
+    for _ in range(12):
+        g = opt.ask(1)
+        s = (probe @ g[0] > 0).astype(float)
+        opt.tell(g, [[s.mean()]], [{"acc": s}])
+    distinct = {m.index for m in opt.members} | set(opt.front().indices)
+    assert opt.front().indices[0] in {m.index for m in opt.members}  # shared, so stored once
+    size = len(json.dumps(opt.state_dict()))
+    per_genome = 4 * -(-layout.size * 8 // 3)  # base64 of float64
+    assert len(distinct) * per_genome < size < len(distinct) * per_genome + 4096

@@ -28,12 +28,18 @@ Seeds are asked first: the space's seeds (``fields``: the experts, and the base 
 n children from the current archive (before the first tell: uniformly from the seeds) and ``tell`` applies results
 one by one in tell order, so ``n > 1`` lets several workers score children bred from the same archive.
 
-Per-example scores: the arrays of every objective concatenated in the order the dict gives them (the runner's:
-the spec's objective order); maximised objectives as they are (negative values clipped to 0), minimised ones as
-``exp(−v)`` (a per-example loss in nats becomes a likelihood). Without per-example scores the objective values
-stand in (one "example" per objective).
+Per-example scores: the arrays of every objective concatenated in objective order, matched by name when the
+problem names its objectives (``Problem.objectives``: the spec's names and order, the keys the runner's dicts
+carry); without names only when all objectives share one direction. A dict that does not match the objectives, or
+a width other than the archive's, raises ValueError before anything is told. Maximised objectives count as they
+are (negative values clipped to 0), minimised ones as ``exp(−v)`` (a per-example loss in nats becomes a
+likelihood). A non-finite per-example score makes the candidate failed. Without per-example scores the objective
+values stand in (one "example" per objective).
 
-State: the numpy Generator, the archive (genomes, scores, told indices) and the seeds handed out; strict JSON.
+State: the numpy Generator, the archive (told indices, scores), the front (indices, values) and the seeds handed
+out; strict JSON, with every genome stored once (members and front share them; base64 float64, exact). Over a
+``weights`` space that is ≈ 10.7 bytes per parameter per distinct genome (``archive_size`` members, plus a front
+candidate that left the archive): 20 members of a 1M-parameter model ≈ 214 MB per checkpoint.
 """
 
 from __future__ import annotations
@@ -46,12 +52,13 @@ import numpy as np
 from pydantic import Field as PydanticField, model_validator
 
 from evomerge.search.optimizers.base import Candidate, Optimizer, OptimizerOptions, register
-from evomerge.search.problem import Problem
+from evomerge.search.problem import Problem, as_values
 from evomerge.search.spaces.fields import (Field, FieldsSpace, WeightsSpace, cosine, crossover_fields,
                                            crossover_weights, field_dot)
-from evomerge.search.state import decode_array, decode_generator, encode_array, encode_generator
+from evomerge.search.state import (decode_array, decode_arrays, decode_generator, encode_array, encode_arrays,
+                                   encode_generator)
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: each genome stored once, shared by the members and the front
 
 
 class M2N2Options(OptimizerOptions):
@@ -119,15 +126,35 @@ def draw(u: float, weights: np.ndarray) -> int:
     return min(k, len(weights) - 1)
 
 
+def objective_order(per_example: Mapping[str, np.ndarray], objectives: Sequence[str] | None,
+                    directions: Sequence[str]) -> list[str]:
+    """The keys of one candidate's per-example scores in objective order: by name when the problem names its
+    objectives (``Problem.objectives``, the spec's order); without names the dict's own order, allowed only when
+    every objective has the same direction (so no key can get another objective's direction). Any mismatch
+    raises ValueError — never a silent guess."""
+    keys = list(per_example)
+    if objectives is not None:
+        if sorted(keys) != sorted(objectives):
+            raise ValueError(f"per-example scores for {sorted(keys)}, but the objectives are {list(objectives)}")
+        return list(objectives)
+    if len(keys) != len(directions):
+        raise ValueError(f"per-example scores for {len(keys)} objective(s) ({keys}), the problem has "
+                         f"{len(directions)}")
+    if len(set(directions)) > 1:
+        raise ValueError("per-example scores of objectives with different directions need the objectives' names "
+                         "(Problem.objectives) to match scores to directions")
+    return keys
+
+
 def example_scores(per_example: Mapping[str, np.ndarray] | None, values: np.ndarray,
-                   directions: Sequence[str]) -> np.ndarray:
-    """One non-negative score per example, all objectives concatenated (see the module docstring)."""
+                   directions: Sequence[str], objectives: Sequence[str] | None = None) -> np.ndarray:
+    """One score per example, all objectives concatenated in objective order (see the module docstring and
+    :func:`objective_order`). Non-finite per-example scores stay non-finite: the caller treats them as a failure."""
     if per_example is None:
         arrays = [np.array([v]) for v in values]
     else:
-        arrays = [np.asarray(a, dtype=np.float64).reshape(-1) for a in per_example.values()]
-        if len(arrays) != len(directions):
-            directions = ["maximize"] * len(arrays)
+        order = objective_order(per_example, objectives, directions)
+        arrays = [np.asarray(per_example[k], dtype=np.float64).reshape(-1) for k in order]
     out = [np.exp(-a) if d == "minimize" else np.maximum(a, 0.0) for a, d in zip(arrays, directions)]
     return np.concatenate(out) if out else np.zeros(0)
 
@@ -167,6 +194,7 @@ class M2N2(Optimizer):
         self.num_replaced = 0
         self.num_discarded = 0
         self._seeds: list[np.ndarray] | None = None
+        self._pending: list[np.ndarray | None] | None = None
 
     # -- seeds --------------------------------------------------------------------------------------------------
 
@@ -276,17 +304,43 @@ class M2N2(Optimizer):
                 kept.append(c)
         self._archive = kept
 
+    def tell(self, genomes: Sequence[np.ndarray | Sequence[float]], values: Sequence[Sequence[float | None]],
+             per_example: Sequence[Mapping[str, np.ndarray] | None] | None = None) -> None:
+        """As :meth:`Optimizer.tell`, with the per-example scores checked *before* anything changes: scores that do
+        not match the objectives or the archive's examples raise ValueError and leave the optimizer as it was; a
+        candidate with a non-finite per-example score is told as failed (NaN values: it counts in ``num_failed``
+        and enters neither the front nor the archive)."""
+        F = as_values(values, self.problem.n_obj)
+        if per_example is not None and len(per_example) != len(F):
+            raise ValueError(f"told {len(F)} value rows but {len(per_example)} per-example score sets")
+        scores: list[np.ndarray | None] = []
+        width = self.members[0].scores.size if self.members else None
+        for k, row in enumerate(F):
+            pe = None if per_example is None else per_example[k]
+            if not np.all(np.isfinite(row)) or (per_example is not None and pe is None):
+                scores.append(None)
+                continue
+            s = example_scores(pe, row, self.problem.directions, getattr(self.problem, "objectives", None))
+            width = s.size if width is None else width
+            if s.size != width:
+                raise ValueError(f"candidate {self.num_told + k} has {s.size} per-example scores, the archive "
+                                 f"{width}; nothing was told")
+            if not np.all(np.isfinite(s)):
+                F[k] = np.nan
+                s = None
+            scores.append(s)
+        self._pending = scores
+        try:
+            super().tell(genomes, F, None)
+        finally:
+            self._pending = None
+
     def _tell(self, X: list[np.ndarray], F: np.ndarray, per_example: Sequence[Mapping[str, np.ndarray]] | None) -> None:
         start = self.num_told - len(X)
-        for k, (x, values) in enumerate(zip(X, F)):
-            pe = None if per_example is None else per_example[k]
-            if not np.all(np.isfinite(values)) or (per_example is not None and pe is None):
-                continue  # a failed candidate never enters the archive
-            scores = example_scores(pe, values, self.problem.directions)
-            if self.members and scores.shape != self.members[0].scores.shape:
-                raise ValueError(f"candidate {start + k} has {scores.size} per-example scores, the archive "
-                                 f"{self.members[0].scores.size}")
-            self.insert(self._member(start + k, x, scores))
+        scores = self._pending if self._pending is not None else [None] * len(X)
+        for k, (x, s) in enumerate(zip(X, scores)):
+            if s is not None:  # a failed candidate never enters the archive
+                self.insert(self._member(start + k, x, s))
 
     def insert(self, child: Member) -> bool:
         """Steady-state replacement; True when the child joined the archive."""
@@ -327,41 +381,58 @@ class M2N2(Optimizer):
                 "discarded": self.num_discarded, "space": self.space.kind}
 
     def state_dict(self) -> dict[str, Any]:
-        # The front archive holds variable-length genomes (fields): each is encoded on its own.
-        state = {"format": 1, "optimizer": self.name, "dim": self.problem.dim, "n_obj": self.problem.n_obj,
-                 "seed": self.seed, "num_told": self.num_told, "num_failed": self.num_failed,
-                 "archive": {"indices": [c.index for c in self._archive],
-                             "genomes": [encode_array(c.genome) for c in self._archive],
-                             "values": [encode_array(c.values) for c in self._archive]},
-                 "algorithm": self._state()}
-        return state
+        """Strict JSON; every genome is stored once (base64 float64, exact), shared by the archive members and the
+        front: over a ``weights`` space one (n, P) array, ≈ 10.7 bytes per parameter per distinct genome."""
+        genomes: dict[int, np.ndarray] = {m.index: m.genome for m in self.members}
+        for c in self._archive:
+            genomes.setdefault(c.index, c.genome)
+        order = sorted(genomes)
+        if isinstance(self.space, WeightsSpace):
+            pool: Any = encode_arrays([genomes[i] for i in order], self.size)
+        else:  # coefficient fields have variable lengths (and cost bytes)
+            pool = [encode_array(genomes[i]) for i in order]
+        return {"format": STATE_FORMAT, "optimizer": self.name, "dim": self.problem.dim, "n_obj": self.problem.n_obj,
+                "seed": self.seed, "num_told": self.num_told, "num_failed": self.num_failed,
+                "genomes": {"indices": order, "arrays": pool},
+                "front": {"indices": [c.index for c in self._archive],
+                          "values": encode_arrays([c.values for c in self._archive], self.problem.n_obj)},
+                "algorithm": self._state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state.get("format") != 1 or state.get("optimizer") != self.name:
-            raise ValueError(f"not an m2n2 state: got {state.get('optimizer')!r}, format {state.get('format')!r}")
+        if state.get("format") != STATE_FORMAT or state.get("optimizer") != self.name:
+            raise ValueError(f"not an m2n2 state of format {STATE_FORMAT}: got {state.get('optimizer')!r}, format "
+                             f"{state.get('format')!r}")
         if state["n_obj"] != self.problem.n_obj or state["dim"] != self.problem.dim:
             raise ValueError("the state is for another problem (dimension or objectives differ)")
+        pool = state["genomes"]
+        arrays = (decode_arrays(pool["arrays"]) if isinstance(pool["arrays"], dict)
+                  else [decode_array(g) for g in pool["arrays"]])
+        genomes = dict(zip((int(i) for i in pool["indices"]), arrays))
         self.seed = int(state["seed"])
         self.num_told = int(state["num_told"])
         self.num_failed = int(state["num_failed"])
-        arch = state["archive"]
-        self._archive = [Candidate(i, decode_array(g), decode_array(v))
-                         for i, g, v in zip(arch["indices"], arch["genomes"], arch["values"])]
-        self._load_state(state["algorithm"])
+        front = state["front"]
+        self._archive = [Candidate(int(i), genomes[int(i)].copy(), v)
+                         for i, v in zip(front["indices"], decode_arrays(front["values"]))]
+        self._load_state(state["algorithm"], genomes)
 
     def _state(self) -> dict[str, Any]:
-        return {"format": STATE_FORMAT, "rng": encode_generator(self.rng), "seeds_asked": self.seeds_asked,
+        n = len(self.members)
+        width = self.members[0].scores.size if self.members else 0
+        return {"rng": encode_generator(self.rng), "seeds_asked": self.seeds_asked,
                 "replaced": self.num_replaced, "discarded": self.num_discarded,
-                "members": [{"index": m.index, "genome": encode_array(m.genome), "scores": encode_array(m.scores)}
-                            for m in self.members]}
+                "members": [m.index for m in self.members],
+                "scores": encode_array(np.array([m.scores for m in self.members]).reshape(n, width))}
 
-    def _load_state(self, state: Mapping[str, Any]) -> None:
+    def _load_state(self, state: Mapping[str, Any], genomes: Mapping[int, np.ndarray] | None = None) -> None:
+        assert genomes is not None, "m2n2 restores through load_state_dict"
         self.rng = decode_generator(state["rng"])
         self.seeds_asked = int(state["seeds_asked"])
         self.num_replaced = int(state["replaced"])
         self.num_discarded = int(state["discarded"])
-        self.members = [self._member(int(m["index"]), decode_array(m["genome"]), decode_array(m["scores"]))
-                        for m in state["members"]]
+        scores = decode_array(state["scores"])
+        self.members = [self._member(int(i), genomes[int(i)], scores[k].copy())
+                        for k, i in enumerate(state["members"])]
 
 
 def with_space(problem: Problem, space: FieldsSpace | WeightsSpace) -> Problem:

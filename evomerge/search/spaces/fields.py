@@ -288,8 +288,9 @@ class WeightsSpace(Space):
 
     def __init__(self, layout: FlatLayout, seed_weights: np.ndarray | None = None) -> None:
         if layout.size > MAX_WEIGHTS_PARAMS:
-            raise ValueError(f"the model has {layout.size:,} parameters; the weights space holds full weights per "
-                             f"archive member and is limited to {MAX_WEIGHTS_PARAMS:,}")
+            raise ValueError(f"the model has {layout.size:,} parameters; the weights space is limited to "
+                             f"{MAX_WEIGHTS_PARAMS:,}: it keeps full float64 weights per archive member (each "
+                             "checkpoint stores them all) and per candidate row")
         self.layout = layout
         self.seed_weights = None if seed_weights is None else np.asarray(seed_weights, dtype=np.float64)
         p = layout.size
@@ -315,7 +316,10 @@ class WeightsSpace(Space):
                             where="space.kind") from None
 
     def names(self) -> list[str]:
-        return [f"{name}[{i}]" for name, size in zip(self.layout.names, self.layout.sizes) for i in range(size)]
+        """One label per tensor with its flat range, ``name[start:end]`` — not one per weight (a million strings
+        for a 1M-parameter model); the genome has ``dim`` coordinates, the labels cover them range by range."""
+        offsets = self.layout.offsets
+        return [f"{name}[{int(offsets[k])}:{int(offsets[k + 1])}]" for k, name in enumerate(self.layout.names)]
 
     def clip(self, x: np.ndarray | list[float]) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64).reshape(-1)
