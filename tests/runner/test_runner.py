@@ -65,6 +65,16 @@ class Counting:
         return self.inner.run(tasks, **kwargs)
 
 
+def _resume_then_run_uninterrupted(store: Store, stopped: int, data: dict) -> int:
+    """Resume ``stopped`` to the end, then run the same spec uninterrupted; returns the reference search's id."""
+    spec = JobSpec.from_dict(data)
+    with make_executor(spec, kind="inline") as executor:
+        assert run_search(store, stopped, executor=executor).status == "done"
+        reference = submit(store, spec)
+        run_search(store, reference, executor=executor)
+    return reference
+
+
 def _run(db_url: str, data: dict, *, kind: str = "inline", **kwargs: Any) -> tuple[Store, int, Any]:
     spec = JobSpec.from_dict(data)
     store = Store(db_url)
@@ -183,11 +193,7 @@ def test_a_hybrid_search_stopped_in_stage_2_resumes_exactly(llama: Path, db_url:
     with store:
         assert result.status == "cancelled" and store.latest_checkpoint(stopped).state["stage"] == 1
         assert {r.stage for r in store.candidates(stopped)} == {1, 2}
-        spec = JobSpec.from_dict(data)
-        with make_executor(spec, kind="inline") as executor:
-            assert run_search(store, stopped, executor=executor).status == "done"
-            reference = submit(store, spec)
-            run_search(store, reference, executor=executor)
+        reference = _resume_then_run_uninterrupted(store, stopped, data)
         assert snapshot(store, stopped) == snapshot(store, reference)
         assert [r.stage for r in store.candidates(reference)] == [1] * 8 + [2] * 8
         assert all(r.status == "done" for r in store.candidates(reference))  # layer paths run on a Llama
@@ -220,11 +226,7 @@ def test_an_m2n2_search_stopped_mid_way_resumes_exactly(digits: Path, db_url: st
         assert result.status == "cancelled" and store.get_search(stopped).counts["pending"] > 0
         told = store.latest_checkpoint(stopped).told
         assert (told == 2) if throttled else (told > 2), told
-        spec = JobSpec.from_dict(data)
-        with make_executor(spec, kind="inline") as executor:
-            assert run_search(store, stopped, executor=executor).status == "done"
-            reference = submit(store, spec)
-            run_search(store, reference, executor=executor)
+        reference = _resume_then_run_uninterrupted(store, stopped, data)
         assert snapshot(store, stopped) == snapshot(store, reference)
         assert len(snapshot(store, reference)) == 20
 

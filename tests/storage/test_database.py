@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
-from storage_helpers import new_search
+from storage_helpers import new_search, open_at_once
 
 from evomerge.errors import UserError
 from evomerge.storage import CandidateResult, NewCandidate, Store, data_dir, default_database_url
@@ -121,20 +121,8 @@ def test_fresh_sqlite_files_opened_by_two_threads_at_once_never_lock(tmp_path: P
     """Switching a new file to WAL can fail with SQLITE_BUSY without waiting; the connection retries it."""
     errors: list[Exception] = []
     for attempt in range(20):
-        url, barrier, stores = f"sqlite:///{tmp_path}/fresh{attempt}.db", threading.Barrier(2), []
-
-        def open_store() -> None:
-            barrier.wait(timeout=60)
-            try:
-                stores.append(Store(url))
-            except Exception as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=open_store) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
+        stores, failed = open_at_once(f"sqlite:///{tmp_path}/fresh{attempt}.db")
+        errors.extend(failed)
         for store in stores:
             store.close()
     assert errors == []

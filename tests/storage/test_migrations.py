@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
-from storage_helpers import new_search
+from storage_helpers import new_search, open_at_once
 
 from evomerge.errors import UserError
 from evomerge.storage import NewCandidate, Store
@@ -59,20 +58,7 @@ def test_two_processes_opening_a_fresh_database_at_once_migrate_it_once(db_url: 
 
 
 def test_two_threads_opening_a_fresh_database_at_once_both_get_a_working_store(db_url: str) -> None:
-    barrier, stores, errors = threading.Barrier(2), [], []
-
-    def open_store() -> None:
-        barrier.wait()
-        try:
-            stores.append(Store(db_url))
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=open_store) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    stores, errors = open_at_once(db_url)
     assert errors == [] and len(stores) == 2
     a, b = (new_search(s) for s in stores)
     assert a != b
