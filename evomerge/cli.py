@@ -194,6 +194,10 @@ _EXECUTOR = typer.Option("ray", "--executor", help="ray (a local Ray, or --ray-a
 _RAY = typer.Option(None, "--ray-address", metavar="A", envvar="EVOMERGE_RAY_ADDRESS", show_envvar=False,
                     help="Join this Ray cluster (default: EVOMERGE_RAY_ADDRESS, else start a local one).")
 _JSON = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables.")
+_SERVER = typer.Option(None, "--server", metavar="URL", envvar="EVOMERGE_SERVER", show_envvar=False,
+                       help="Ask this evomerge server (default: EVOMERGE_SERVER, else the local database).")
+_TOKEN = typer.Option(None, "--token", metavar="T", envvar="EVOMERGE_TOKEN", show_envvar=False,
+                      help="The server's API token (default: EVOMERGE_TOKEN).")
 _BEDS = ("digits", "tinylm")
 
 
@@ -215,6 +219,29 @@ def _store(db: str | None) -> Any:
     from evomerge.storage import Store
 
     return Store(db)
+
+
+def _client(server: str | None, token: str | None) -> Any:
+    from evomerge.service.client import Client
+
+    return Client(server, token)
+
+
+def _remote_summary(server: str, token: str | None, search_id: int, as_json: bool) -> tuple[Any, Any]:
+    """(summary, the server's JSON document when ``as_json``) of a search on a server."""
+    from evomerge.service.results import Summary
+
+    with _client(server, token) as client:
+        document = client.search(search_id)
+    return Summary.from_dict(document), document if as_json else None
+
+
+def _say_status(answer: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(answer, indent=2) + "\n")
+    else:
+        console.print(f"search {answer['id']}: {answer['status']} ({escape(answer.get('detail') or '')})",
+                      highlight=False)
 
 
 def _executor_kind(kind: str) -> str:
@@ -265,10 +292,10 @@ class _RunDisplay:
         if self.task is None:
             self.task = self.bar.add_task(f"search {p.search_id}", total=p.budget, info="")
         parts = []
-        if p.best_values is not None:
+        if p.best_values is not None and p.best_score is not None:
             parts.append(f"best {p.best_score:.4g}")
             if err.width >= 120:  # per-objective values only where they fit on one line
-                parts[-1] += " (" + ", ".join(f"{n} {p.best_values.get(n, float('nan')):.4g}" for n in self.names) + ")"
+                parts[-1] += " (" + ", ".join(f"{n} {_g(p.best_values.get(n))}" for n in self.names) + ")"
         parts.append(f"front {p.front_size}")
         parts.append(f"{p.per_minute:.0f}/min")
         if p.eta_s is not None:
@@ -276,6 +303,10 @@ class _RunDisplay:
         if p.stages > 1:
             parts.append(f"stage {p.stage}/{p.stages}")
         self.bar.update(self.task, completed=p.evaluated, info=escape(" · ".join(parts)))
+
+
+def _g(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 def _duration(seconds: float) -> str:
@@ -321,8 +352,13 @@ def _report(store: Any, search_id: int, as_json: bool, *, front_rows: int = 10) 
     from evomerge.service.results import summarize
 
     summary = summarize(store, search_id)
-    if as_json:
-        sys.stdout.write(json.dumps(summary.to_dict(), indent=2) + "\n")
+    _show(summary, summary.to_dict() if as_json else None, front_rows=front_rows)
+
+
+def _show(summary: Any, document: dict[str, Any] | None, *, front_rows: int = 10) -> None:
+    """A search's report: ``document`` as JSON on stdout when given (``--json``), else tables."""
+    if document is not None:
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
         return
     row = summary.row
     counts = row.counts or {}
@@ -450,10 +486,17 @@ def resume(
     executor: str = _EXECUTOR,
     ray_address: Optional[str] = _RAY,
     force: bool = typer.Option(False, "--force", help="Resume even when the search looks alive elsewhere."),
+    server: Optional[str] = _SERVER,
+    token: Optional[str] = _TOKEN,
     as_json: bool = _JSON,
 ) -> None:
     """Resume an interrupted or cancelled search from its last checkpoint; ends with exactly the candidates an
-    uninterrupted run has."""
+    uninterrupted run has. With --server, the server's queue resumes it."""
+    if server:
+        with _client(server, token) as client:
+            answer = client.resume(search_id)
+        _say_status(answer, as_json)
+        return
     _resume(search_id, db, executor, ray_address, as_json, force=force)
 
 
@@ -462,39 +505,52 @@ def list_searches(
     db: Optional[str] = _DB,
     status: Optional[str] = typer.Option(None, help="Only searches with this status."),
     limit: int = typer.Option(50, min=1, help="At most this many (newest first)."),
+    server: Optional[str] = _SERVER,
+    token: Optional[str] = _TOKEN,
     as_json: bool = _JSON,
 ) -> None:
-    """List the searches in the database."""
-    with _store(db) as store:
-        rows = store.list_searches(status=status, limit=limit)
-        if as_json:
-            sys.stdout.write(json.dumps([{"id": r.id, "name": r.name, "status": r.status, "algorithm": r.algorithm,
-                                          "budget": r.budget, "counts": dict(r.counts or {}),
-                                          "created_at": r.created_at.isoformat() if r.created_at else None}
-                                         for r in rows], indent=2) + "\n")
-            return
-        if not rows:
-            console.print("no searches yet: evomerge demo, or evomerge run SPEC")
-            return
-        table = Table()
-        for column in ("id", "name", "status", "algorithm", "done", "failed", "pending", "budget", "created"):
-            table.add_column(column, justify="right" if column in ("id", "done", "failed", "pending", "budget")
-                             else "left")
-        for r in rows:
-            c = r.counts or {}
-            table.add_row(str(r.id), escape(r.name), r.status, r.algorithm, str(c.get("done", 0)),
-                          str(c.get("failed", 0)), str(c.get("pending", 0)), str(r.budget),
-                          r.created_at.strftime("%Y-%m-%d %H:%M") if r.created_at else "-")
-        console.print(table)
+    """List the searches in the database (or on a server)."""
+    if server:
+        with _client(server, token) as client:
+            items = client.searches(status=status, limit=limit)
+    else:
+        with _store(db) as store:
+            items = [{"id": r.id, "name": r.name, "status": r.status, "algorithm": r.algorithm, "budget": r.budget,
+                      "counts": dict(r.counts or {}),
+                      "created_at": r.created_at.isoformat() if r.created_at else None}
+                     for r in store.list_searches(status=status, limit=limit)]
+    if as_json:
+        keys = ("id", "name", "status", "algorithm", "budget", "counts", "created_at")
+        sys.stdout.write(json.dumps([{k: item.get(k) for k in keys} for item in items], indent=2) + "\n")
+        return
+    if not items:
+        console.print("no searches yet: evomerge demo, or evomerge run SPEC")
+        return
+    table = Table()
+    for column in ("id", "name", "status", "algorithm", "done", "failed", "pending", "budget", "created"):
+        table.add_column(column, justify="right" if column in ("id", "done", "failed", "pending", "budget")
+                         else "left")
+    for item in items:
+        c = item.get("counts") or {}
+        created = item.get("created_at")
+        table.add_row(str(item["id"]), escape(item["name"]), item["status"], item["algorithm"],
+                      str(c.get("done", 0)), str(c.get("failed", 0)), str(c.get("pending", 0)), str(item["budget"]),
+                      created[:16].replace("T", " ") if created else "-")
+    console.print(table)
 
 
 @app.command()
 def status(
     search_id: int = _id_argument(),
     db: Optional[str] = _DB,
+    server: Optional[str] = _SERVER,
+    token: Optional[str] = _TOKEN,
     as_json: bool = _JSON,
 ) -> None:
     """A search's status, counts, best candidate and front."""
+    if server:
+        _show(*_remote_summary(server, token, search_id, as_json))
+        return
     with _store(db) as store:
         _report(store, search_id, as_json)
 
@@ -503,11 +559,21 @@ def status(
 def cancel(
     search_id: int = _id_argument(),
     db: Optional[str] = _DB,
+    server: Optional[str] = _SERVER,
+    token: Optional[str] = _TOKEN,
 ) -> None:
     """Ask a running search to stop: its runner stops dispatching within seconds (resume continues it). A search
     whose runner is gone is cancelled at once."""
     from evomerge.service.results import search_row
 
+    if server:
+        with _client(server, token) as client:
+            now = client.search(search_id)["status"]
+            if now in ("done", "failed", "cancelled"):
+                console.print(f"search {search_id} is already {now}")
+                return
+            _say_status(client.cancel(search_id), False)
+        return
     with _store(db) as store:
         row = search_row(store, search_id)
         if row.status in ("done", "failed", "cancelled"):
@@ -523,11 +589,23 @@ def recipe_export(
     fmt: str = typer.Option("mergekit", "--format", help="mergekit (YAML) or json."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write here instead of stdout."),
     db: Optional[str] = _DB,
+    server: Optional[str] = _SERVER,
+    token: Optional[str] = _TOKEN,
 ) -> None:
     """Export a candidate's recipe (default: the best) as mergekit YAML or our JSON."""
     from evomerge.service.results import candidate_recipe
 
     kind = _recipe_format(fmt, "--format")
+    if server:
+        with _client(server, token) as client:
+            index, text = client.recipe(search_id, candidate, kind)
+        what = f"candidate {index}'s recipe" if index is not None else "the recipe"
+        if output is None:
+            sys.stdout.write(text)
+        else:
+            _write(output, text)
+            console.print(f"wrote {what} to {escape(str(output))}", highlight=False)
+        return
     with _store(db) as store:
         index, parsed = candidate_recipe(store, search_id, candidate)
     _emit_recipe(parsed, kind, output, what=f"candidate {index}'s recipe", where="--format")
@@ -539,19 +617,28 @@ def front(
     output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="FILE.png|FILE.csv",
                                           help="Write the front as a CSV table or a PNG plot."),
     db: Optional[str] = _DB,
+    server: Optional[str] = _SERVER,
+    token: Optional[str] = _TOKEN,
     as_json: bool = _JSON,
 ) -> None:
     """The Pareto front of a search: a table, a CSV file or a picture."""
     from evomerge.service.results import summarize
 
-    with _store(db) as store:
-        summary = summarize(store, search_id)
-        points = None
-        if output is not None and output.suffix.lower() == ".png":
-            points = [(r.index, r.values) for r in store.candidates(search_id, status="done")
-                      if r.reused_from is None]
+    png = output is not None and output.suffix.lower() == ".png"
+    points = None
+    if server:
+        summary, document = _remote_summary(server, token, search_id, True)
+        if png:
+            with _client(server, token) as client:
+                points = list(client.scored(search_id))
+    else:
+        with _store(db) as store:
+            summary = summarize(store, search_id)
+            document = summary.to_dict()
+            if png:
+                points = [(index, values) for index, values, _ in store.scored(search_id)]
     if as_json:  # the same document as `status --json`
-        sys.stdout.write(json.dumps(summary.to_dict(), indent=2) + "\n")
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
         return
     if output is None:
         console.print(_front_table(summary))
@@ -569,6 +656,136 @@ def front(
     else:
         raise UserError(f"{output.name}: write the front to a .csv or .png file", where="--output")
     console.print(f"wrote {escape(str(output))} ({len(summary.front)} candidates on the front)", highlight=False)
+
+
+@app.command()
+def serve(
+    host: Optional[str] = typer.Option(None, help="Address to listen on (default 127.0.0.1; another address needs "
+                                       "EVOMERGE_API_TOKENS)."),
+    port: Optional[int] = typer.Option(None, help="Port (default 8000)."),
+    db: Optional[str] = _DB,
+    executor: Optional[str] = typer.Option(None, "--executor", help="ray (default) or inline."),
+    ray_address: Optional[str] = _RAY,
+    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=1,
+                                                 help="Searches that run at once (default 2; the rest wait)."),
+    model_root: Optional[list[Path]] = typer.Option(None, "--model-root", help="A folder spec paths may point "
+                                                    "into (repeatable; default EVOMERGE_MODEL_ROOTS, else here)."),
+    access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log every request."),
+) -> None:
+    """Serve the REST API and the dashboard; run submitted searches on Ray workers (or in process)."""
+    import logging
+
+    from evomerge.service.settings import Settings
+
+    roots = tuple(p.expanduser().resolve() for p in model_root) if model_root else None
+    settings = Settings.from_env().with_overrides(host=host, port=port, database_url=db, executor=executor,
+                                                  ray_address=ray_address, max_concurrent=max_concurrent,
+                                                  model_roots=roots)
+    with _store(settings.database_url) as store:  # a wrong URL is one line here, not a failed start-up
+        where = _safe_url(store)
+    _quiet_transformers()
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    service_log = logging.getLogger("evomerge.service")
+    service_log.addHandler(handler)
+    service_log.setLevel(logging.INFO)
+    service_log.propagate = False
+    shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+    err.print(f"evomerge {_version()} on http://{shown}:{settings.port} · dashboard / · API /docs · "
+              f"database {escape(where)}", highlight=False)
+    for line in settings.describe():
+        err.print(f"  {escape(line)}", highlight=False)
+    from evomerge.service.server import run_server
+
+    run_server(settings, access_log=access_log)
+
+
+def _version() -> str:
+    from evomerge import __version__
+
+    return __version__
+
+
+@app.command()
+def submit(
+    spec_file: Path = typer.Argument(..., metavar="SPEC", help="Job spec (YAML or JSON)."),
+    server: Optional[str] = _SERVER,
+    token: Optional[str] = _TOKEN,
+    wait: bool = typer.Option(False, "--wait", help="Follow the search with a progress bar until it ends."),
+    paths: str = typer.Option("auto", "--paths", help="spec: resolve relative paths against the spec's folder "
+                              "(files on this machine); server: send them as written, for the server's model "
+                              "roots; auto: spec when the server is on this machine."),
+    as_json: bool = _JSON,
+) -> None:
+    """Submit a search to an evomerge server."""
+    from evomerge.service.client import Client
+    from evomerge.spec import JobSpec
+
+    mode = paths.lower()
+    if mode not in ("auto", "spec", "server"):
+        raise UserError(f"unknown value {paths!r}; use auto, spec or server", where="--paths")
+    with Client(server, token) as client:
+        if mode == "auto":
+            from urllib.parse import urlsplit
+
+            host = urlsplit(client.server).hostname or ""
+            mode = "spec" if host in ("127.0.0.1", "localhost", "::1") else "server"
+        spec = JobSpec.load(spec_file)  # checked here first: a typo costs no round trip
+        if mode == "server":
+            spec = JobSpec.parse(spec_file.read_text(encoding="utf-8"), where=str(spec_file))
+        else:
+            _check_beds(spec)
+        answer = client.submit(spec.model_dump(mode="json"))
+        search_id = answer["id"]
+        if not wait:
+            if as_json:
+                sys.stdout.write(json.dumps(answer, indent=2) + "\n")
+            else:
+                console.print(f"submitted search {search_id} ({escape(spec.name)}): {client.server}"
+                              f"{answer.get('dashboard', '')}", highlight=False)
+            return
+        err.print(f"search {search_id} ({escape(spec.name)}) submitted to {client.server}; following it "
+                  "(Ctrl-C stops following, not the search)", highlight=False)
+        document = _follow(client, search_id, spec.objective_names)
+    from evomerge.service.results import Summary
+
+    _show(Summary.from_dict(document), document if as_json else None)
+    if document["status"] != "done":
+        err.print(f"[red]error:[/red] search {search_id} ended {document['status']}"
+                  + (f": {escape(document['error'])}" if document.get("error") else ""), highlight=False)
+        raise typer.Exit(1)
+
+
+def _follow(client: Any, search_id: int, names: list[str], poll: float = 1.0) -> dict[str, Any]:
+    """Poll a search on a server with the progress bar until it ends; returns its last document."""
+    import time
+
+    from evomerge.service.runner import RunProgress
+
+    started, first = time.monotonic(), None
+    try:
+        with _RunDisplay(names) as display:
+            while True:
+                document = client.search(search_id)
+                evaluated = int(document.get("evaluated", 0))
+                first = evaluated if first is None else first
+                elapsed = time.monotonic() - started
+                rate = (evaluated - first) / elapsed * 60 if elapsed > 0 else 0.0
+                best = document.get("best")
+                left = max(0, document["budget"] - evaluated)
+                display(RunProgress(search_id=search_id, evaluated=evaluated, budget=document["budget"], stage=1,
+                                    stages=1, best_index=None if best is None else best["id"],
+                                    best_values=None if best is None else best["values"],
+                                    best_score=None if best is None else best["score"],
+                                    front_size=len(document.get("front") or []), per_minute=rate,
+                                    eta_s=left / rate * 60 if rate > 0 else None))
+                if document["status"] in ("done", "failed", "cancelled"):
+                    return document
+                time.sleep(poll)
+    except KeyboardInterrupt:
+        err.print(f"stopped following; search {search_id} goes on on the server (evomerge status {search_id} "
+                  f"--server {client.server})", highlight=False)
+        raise typer.Exit(130) from None
 
 
 def _front_csv(summary: Any) -> str:

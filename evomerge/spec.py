@@ -49,7 +49,7 @@ class _Strict(BaseModel):
 class ExpertSpec(_Strict):
     """One fine-tuned model: a short name (used in recipes and reports) and where its weights are."""
 
-    name: str
+    name: str = Field(json_schema_extra={"pattern": _NAME.pattern, "not": {"enum": sorted(_RESERVED)}})
     path: str
 
     @field_validator("name")
@@ -299,7 +299,7 @@ class TaskSpec(_Strict):
 class ObjectiveSpec(_Strict):
     """A task with a name, a metric and a direction (lower is better for losses and costs)."""
 
-    name: str
+    name: str = Field(json_schema_extra={"pattern": _NAME.pattern})
     task: TaskSpec
     metric: str | None = None
     direction: Literal["maximize", "minimize"] | None = None

@@ -17,6 +17,7 @@ import torch
 
 from evomerge.errors import CheckpointError, RecipeError
 from evomerge.merging.layers import Layout, renumber
+from evomerge.merging.mlp import build_mlp, is_mlp_config
 from evomerge.merging.recipe import PathStep, Recipe
 
 RECIPE_FILE = "evomerge_recipe.json"
@@ -136,6 +137,16 @@ def load_merged(path: str | Path, **kwargs: Any) -> torch.nn.Module:
     if not (folder / "config.json").exists():
         raise CheckpointError(f"{folder} has no config.json; load plain weight folders with "
                               "evomerge.merging.checkpoints.open_checkpoint", where="path")
+    raw_config = json.loads((folder / "config.json").read_text())
+    if is_mlp_config(raw_config):  # our plain MLPs (the digits bed): the module its config describes
+        from safetensors.torch import load_file
+
+        mlp = build_mlp(raw_config)
+        state: dict[str, torch.Tensor] = {}
+        for file in sorted(folder.glob("*.safetensors")):
+            state.update(load_file(file))
+        mlp.load_state_dict(state)
+        return mlp
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     model = model_class(config).from_pretrained(folder, local_files_only=True, **kwargs)
     recipe_file = folder / RECIPE_FILE

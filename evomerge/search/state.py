@@ -10,7 +10,9 @@ the library version that wrote them; the optimizers say so where they use one.
 from __future__ import annotations
 
 import base64
+import io
 import pickle
+import threading
 from typing import Any
 
 import numpy as np
@@ -37,9 +39,24 @@ def decode_arrays(data: dict[str, Any]) -> list[np.ndarray]:
     return [row.copy() for row in decode_array(data)]
 
 
+_LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()))
+
+
+class _StatePickler(pickle.Pickler):
+    """Pickles locks as fresh, unlocked locks: a lock guards a live object's threads and is no state (Optuna 5.1's
+    GA samplers hold one, which plain pickle refuses)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, _LOCK_TYPES):
+            return (threading.RLock if isinstance(obj, _LOCK_TYPES[1]) else threading.Lock), ()
+        return NotImplemented
+
+
 def encode_pickle(obj: Any) -> str:
     """A picklable object as base64 text (for library objects that have no other state format)."""
-    return base64.b64encode(pickle.dumps(obj, protocol=4)).decode("ascii")
+    buffer = io.BytesIO()
+    _StatePickler(buffer, protocol=4).dump(obj)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def decode_pickle(text: str) -> Any:

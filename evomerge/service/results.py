@@ -10,6 +10,8 @@ definition; the runner uses it too (progress, events, checkpoint reports, holdou
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
@@ -35,7 +37,9 @@ class Point:
     score: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.index, "values": self.values, "holdout": self.holdout, "score": self.score}
+        """Strict JSON: a missing or non-finite number is ``None``."""
+        return {"id": self.index, "values": finite_values(self.values), "holdout": finite_values(self.holdout),
+                "score": finite(self.score)}
 
 
 @dataclass(frozen=True)
@@ -105,12 +109,45 @@ class Summary:
             "seed": row.seed, "budget": row.budget, "counts": dict(row.counts or {}),
             "stop_reason": row.stop_reason, "error": row.error,
             "objectives": [{"name": o.name, "direction": o.direction} for o in self.objectives],
+            "scalarize": self.scoring.scalarize,
             "created_at": _iso(row.created_at), "started_at": _iso(row.started_at),
             "finished_at": _iso(row.finished_at),
             "best": None if self.best is None else self.best.to_dict(),
             "front": [p.to_dict() for p in self.front],
             "references": self.references,
         }
+
+
+    @classmethod
+    def from_dict(cls, document: Mapping[str, Any]) -> "Summary":
+        """A summary from its :meth:`to_dict` document (what the REST API answers), so the CLI shows a server's
+        search as it shows a local one."""
+        scoring = Scoring(tuple(Objective(o["name"], o["direction"]) for o in document["objectives"]),
+                          document.get("scalarize") or "mean")
+
+        def number(value: Any) -> float:
+            return np.nan if value is None else float(value)
+
+        def point(p: Mapping[str, Any]) -> Point:
+            return Point(int(p["id"]), {k: number(v) for k, v in (p.get("values") or {}).items()},
+                         dict(p["holdout"]) if p.get("holdout") else None, number(p.get("score")))
+
+        row = SimpleNamespace(**{k: document.get(k) for k in ("id", "name", "status", "algorithm", "seed", "budget",
+                                                              "stop_reason", "error", "spec")},
+                              counts=dict(document.get("counts") or {}),
+                              **{k: _parse_time(document.get(k)) for k in ("created_at", "started_at", "finished_at")})
+        best = document.get("best")
+        return cls(int(document["id"]), row, scoring, None if best is None else point(best),
+                   [point(p) for p in document.get("front") or []], list(document.get("references") or []))
+
+
+def _parse_time(text: Any) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
 
 
 def rank_front(F: Any, indices: Sequence[int], scoring: Scoring) -> tuple[list[int], np.ndarray]:
@@ -149,22 +186,32 @@ def summarize(store: "Store", search_id: int) -> Summary:
     row = search_row(store, search_id)
     scoring = Scoring.of(row.spec)
     names = scoring.names
-    rows = [r for r in store.candidates(search_id, status="done", order_by="index", descending=False)
-            if r.reused_from is None]
-    F = np.array([[_value(r.values, n) for n in names] for r in rows], dtype=np.float64)
-    order, scores = rank_front(F, [r.index for r in rows], scoring)
-    points = [Point(rows[i].index, {n: float(F[i, k]) for k, n in enumerate(names)},
-                    dict(rows[i].holdout) if rows[i].holdout else None, float(scores[i])) for i in order]
+    rows = store.scored(search_id)
+    F = np.array([[_value(values, n) for n in names] for _, values, _ in rows], dtype=np.float64)
+    order, scores = rank_front(F, [index for index, _, _ in rows], scoring)
+    points = [Point(rows[i][0], {n: float(F[i, k]) for k, n in enumerate(names)},
+                    dict(rows[i][2]) if rows[i][2] else None, float(scores[i])) for i in order]
     best = next((p for p in points if np.isfinite(p.score)), None)
     references = []
-    for event in store.events(search_id):
-        if event_kind(event) == REFERENCE_EVENT:
-            reference = dict(event_data(event))
-            values = reference.get("values") or {}
-            reference["score"] = (float(scoring.scores([[_value(values, n) for n in names]])[0])
-                                  if values else None)
-            references.append(reference)
+    for event in store.events(search_id, kind=REFERENCE_EVENT):
+        reference = dict(event_data(event))
+        values = reference.get("values") or {}
+        reference["score"] = (finite(scoring.scores([[_value(values, n) for n in names]])[0]) if values else None)
+        references.append(reference)
     return Summary(search_id, row, scoring, best, points, references)
+
+
+def finite(value: Any) -> float | None:
+    """A number for strict JSON: non-finite (NaN, ±inf) and missing become ``None``."""
+    if value is None:
+        return None
+    number = float(value)
+    return number if np.isfinite(number) else None
+
+
+def finite_values(values: Mapping[str, Any] | None) -> dict[str, float | None] | None:
+    """Objective values for strict JSON (see :func:`finite`)."""
+    return None if values is None else {k: finite(v) for k, v in values.items()}
 
 
 def _value(values: Mapping[str, float] | None, name: str) -> float:
@@ -209,4 +256,4 @@ def candidate_recipe(store: "Store", search_id: int, candidate: str | int = "bes
 
 
 __all__ = ["MAX_ID", "REFERENCE_EVENT", "Objective", "Point", "Scoring", "Summary", "candidate_recipe", "event_data",
-           "event_kind", "rank_front", "search_row", "spec_of", "summarize"]
+           "event_kind", "finite", "finite_values", "rank_front", "search_row", "spec_of", "summarize"]

@@ -63,6 +63,7 @@ POLL_S = 1.0  # how often the watcher reads the row (cancel requests) at most
 HEARTBEAT_S = 5.0  # how often the watcher heartbeats the row (the contract: at least every 10 s)
 HOLDOUT_EVERY_S = 20.0  # holdout scoring at most this often (or every HOLDOUT_EVERY_FRACTION of the budget)
 HOLDOUT_EVERY_FRACTION = 0.1
+SHUTDOWN = "shutdown"  # a should_stop() answering this requeues the search instead of cancelling it
 STEADY_STATE = frozenset({"m2n2"})  # optimizers whose ask(n) takes any n without replacing in-flight genomes
 CHECKPOINT_FORMAT = 1
 WRITE_EVERY_S = 0.1  # results arriving faster than this share a transaction
@@ -309,7 +310,7 @@ class Runner:
 
     def __init__(self, store: "Store", search_id: int, *, executor: Any,
                  progress: Callable[[RunProgress], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None, prepared: Prepared | None = None,
+                 should_stop: Callable[[], bool | str] | None = None, prepared: Prepared | None = None,
                  take_over: bool = False) -> None:
         self.store = store
         self.take_over = take_over
@@ -703,8 +704,10 @@ class Runner:
             return "lost ownership"
         if self.watch is not None and self.watch.cancelled.is_set():
             return "cancelled"
-        if self.user_stop is not None and self.user_stop():
-            return "stopped"
+        if self.user_stop is not None:
+            asked = self.user_stop()
+            if asked:
+                return asked if isinstance(asked, str) else "stopped"
         if self.wall_time is not None and self._elapsed() >= self.wall_time:
             return "wall_time"
         return None
@@ -714,13 +717,16 @@ class Runner:
 
     def _stopped_status(self, reason: str) -> str:
         """The status a stop leaves: ``done`` at the wall-time budget (candidates asked but never told are
-        deleted, so a finished search has no pending rows), ``cancelled`` otherwise (pending rows stay for a
-        resume)."""
+        deleted, so a finished search has no pending rows); ``queued`` at a server shutdown
+        (:data:`SHUTDOWN`: the next server's queue resumes it); ``cancelled`` otherwise. Pending rows stay for
+        the resume either way."""
         self.stop_reason = reason
         if reason == "wall_time":
             self.store.delete_candidates_from(self.search_id, self.next_index)
             self._holdout(force=True)
             return "done"
+        if reason == SHUTDOWN:
+            return "queued"
         return "cancelled"
 
     # -- holdout --------------------------------------------------------------------------------------------
@@ -792,11 +798,14 @@ def _as_stored(per_example: Mapping[str, np.ndarray] | None) -> dict[str, np.nda
 
 
 def run_search(store: "Store", search_id: int, *, executor: Any,
-               progress: Callable[[RunProgress], None] | None = None, should_stop: Callable[[], bool] | None = None,
-               prepared: Prepared | None = None, take_over: bool = False) -> RunResult:
+               progress: Callable[[RunProgress], None] | None = None,
+               should_stop: Callable[[], bool | str] | None = None, prepared: Prepared | None = None,
+               take_over: bool = False) -> RunResult:
     """Run (or resume) search ``search_id`` to its end with ``executor``; see the module docstring.
 
-    Returns the final status (``done``, or ``cancelled`` after a cancel request or ``should_stop()``); an
+    Returns the final status (``done``, or ``cancelled`` after a cancel request or ``should_stop()``; a
+    ``should_stop()`` that answers a string gives that stop reason, and :data:`SHUTDOWN` leaves the search
+    ``queued`` for the next server to resume); an
     exception in the runner marks the row ``failed`` with a one-line error and is raised again. A search a live
     runner holds raises :class:`~evomerge.storage.repository.SearchBusyError` (``take_over=True`` takes it
     anyway: ``evomerge resume --force``); a runner whose search was taken over while it ran stops and raises
@@ -847,5 +856,5 @@ def live_runner(store: "Store", search_id: int) -> str | None:
     return runner_alive(row.owner, row.updated_at)
 
 
-__all__ = ["Prepared", "ResumeError", "SearchFailedError", "RunProgress", "RunResult", "Runner", "build_optimizer", "expert_recipe",
+__all__ = ["SHUTDOWN", "Prepared", "ResumeError", "SearchFailedError", "RunProgress", "RunResult", "Runner", "build_optimizer", "expert_recipe",
            "live_runner", "prepare", "run_search", "same_genome", "score_references", "submit", "weights_hash"]

@@ -50,12 +50,15 @@ _COMPLETE_ANY = update(_CANDIDATES).where(
 _COMPLETE = _COMPLETE_ANY.where(_CANDIDATES.c.status == "pending")
 #: The one status machine of a search; every writer (runner, CLI, service) goes through it. ``running`` and
 #: ``cancelling`` go back to ``running`` only by :meth:`Store.start_search` taking over from a dead runner.
+#: ``queued`` is where the service's queue picks searches up: a new one, one resumed over REST (from
+#: ``cancelled`` or ``failed``) and one its runner left at a server shutdown (``running`` → ``queued``, stop
+#: reason ``shutdown``); a queued search that cannot even start (its models are gone) becomes ``failed``.
 TRANSITIONS: dict[str, frozenset[str]] = {
-    "queued": frozenset({"running", "cancelled"}),
-    "running": frozenset({"running", "cancelling", "cancelled", "done", "failed"}),
+    "queued": frozenset({"running", "cancelled", "failed"}),
+    "running": frozenset({"running", "queued", "cancelling", "cancelled", "done", "failed"}),
     "cancelling": frozenset({"running", "cancelled", "done", "failed"}),
-    "cancelled": frozenset({"running"}),
-    "failed": frozenset({"running"}),
+    "cancelled": frozenset({"running", "queued"}),
+    "failed": frozenset({"running", "queued"}),
     "done": frozenset(),
 }
 #: Statuses a search may (re)start from: new, stale (a runner died), resumable after a cancel or a failure.
@@ -407,17 +410,28 @@ class Store:
                 return None
             return _search_row(search, self._counts(session, [search_id])[search_id])
 
-    def list_searches(self, *, status: str | None = None, limit: int = 100, offset: int = 0) -> list[SearchRow]:
-        """Searches, newest first, optionally only those with ``status`` (``limit``/``offset`` ≥ 0)."""
+    def list_searches(
+        self, *, status: str | None = None, limit: int = 100, offset: int = 0, oldest_first: bool = False
+    ) -> list[SearchRow]:
+        """Searches, newest first (``oldest_first``: in submission order, as a queue takes them), optionally only
+        those with ``status`` (``limit``/``offset`` ≥ 0)."""
         _check_status(status, SEARCH_STATUSES, "search")
         _check_page(limit, offset)
-        stmt = select(Search).order_by(Search.id.desc()).limit(limit).offset(offset)
+        stmt = select(Search).order_by(Search.id if oldest_first else Search.id.desc()).limit(limit).offset(offset)
         if status is not None:
             stmt = stmt.where(Search.status == status)
         with self._read() as session:
             searches = list(session.scalars(stmt))
             counts = self._counts(session, [s.id for s in searches])
             return [_search_row(s, counts[s.id]) for s in searches]
+
+    def count_searches(self) -> dict[str, int]:
+        """How many searches have each status (every status present, 0 when none)."""
+        counts = dict.fromkeys(SEARCH_STATUSES, 0)
+        with self._read() as session:
+            for status, n in session.execute(select(Search.status, func.count()).group_by(Search.status)):
+                counts[status] = counts.get(status, 0) + int(n)
+        return counts
 
     def set_status(
         self,
@@ -683,6 +697,29 @@ class Store:
                 stmt = stmt.options(undefer(Candidate.per_example))
             return [_candidate_row(c, with_per_example) for c in session.scalars(stmt)]
 
+    def scored(self, search_id: int) -> list[tuple[int, dict[str, float | None], dict[str, float | None] | None]]:
+        """``(index, values, holdout)`` of every ``done`` candidate scored by a worker (not a copy of an identical
+        recipe's scores), by index: what fronts and plots need, without genomes, recipes or per-example scores."""
+        c = _CANDIDATES.c
+        stmt = (
+            select(c.idx, c.objective_values, c.holdout)
+            .where(c.search_id == search_id, c.status == "done", c.reused_from.is_(None))
+            .order_by(c.idx)
+        )
+        with self._read() as session:
+            return [(int(i), v or {}, h) for i, v, h in session.execute(stmt)]
+
+    def finished_since(self, moment: datetime, *, search_ids: Sequence[int] | None = None) -> int:
+        """How many candidates (of ``search_ids``, default all) got a result at or after ``moment``."""
+        c = _CANDIDATES.c
+        stmt = select(func.count()).select_from(_CANDIDATES).where(c.finished_at >= moment)
+        if search_ids is not None:
+            if not search_ids:
+                return 0
+            stmt = stmt.where(c.search_id.in_(list(search_ids)))
+        with self._read() as session:
+            return int(session.scalar(stmt) or 0)
+
     def count_candidates(self, search_id: int) -> dict[str, int]:
         """``{"pending": n, "done": n, "failed": n, "total": n}``."""
         with self._read() as session:
@@ -781,8 +818,9 @@ class Store:
                 connection.execute(lock, {"cls": _PG_EVENT_LOCK, "search_id": int(search_id)})
             return int(connection.execute(insert(Event.__table__).returning(Event.__table__.c.id), row).scalar_one())
 
-    def events(self, search_id: int, *, after: int = 0, limit: int = 1000) -> list[EventRow]:
-        """Events of a search with id > ``after``, oldest first, at most ``limit`` (≥ 0)."""
+    def events(self, search_id: int, *, after: int = 0, limit: int = 1000, kind: str | None = None) -> list[EventRow]:
+        """Events of a search with id > ``after`` (only those of ``kind`` when given), oldest first, at most
+        ``limit`` (≥ 0)."""
         _check_page(limit)
         stmt = (
             select(Event)
@@ -790,6 +828,8 @@ class Store:
             .order_by(Event.id)
             .limit(limit)
         )
+        if kind is not None:
+            stmt = stmt.where(Event.kind == kind)
         with self._read() as session:
             return [
                 EventRow(id=e.id, search_id=e.search_id, kind=e.kind, data=e.data, created_at=e.created_at)

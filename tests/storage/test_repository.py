@@ -464,7 +464,7 @@ def test_start_search_takes_over_only_from_a_dead_runner(store: Store) -> None:
 
 def test_status_machine_refuses_impossible_moves_and_done_clears_the_error(store: Store) -> None:
     sid = new_search(store)
-    with pytest.raises(StatusTransitionError, match="queued; it can move to cancelled, running, not to done"):
+    with pytest.raises(StatusTransitionError, match="queued; it can move to cancelled, failed, running, not to done"):
         store.set_status(sid, "done")
     store.set_status(sid, "running", error="old trouble")
     store.set_status(sid, "done")
