@@ -283,7 +283,7 @@ def _recipe_response(search_id: int, row: CandidateRow, fmt: str) -> PlainTextRe
     return PlainTextResponse(text, media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
-_recipe_doc = {200: {"content": {"application/yaml": {"schema": {"type": "string"}},
+_recipe_doc = {200: {"content": {"application/yaml": {"schema": {"type": "object"}},
                                  "application/json": {"schema": {"type": "object"}}},
                      "description": "The recipe as a download."}, **_missing, **_conflict}
 
@@ -323,6 +323,7 @@ def progress_of(row: SearchRow) -> dict[str, Any]:
 async def _event_stream(request: Request, search_id: int, after: int) -> AsyncIterator[str]:
     store, controller = _store(request), _controller(request)
     last: dict[str, Any] | None = None
+    last_kind: str | None = None
     last_sent = time.monotonic()
     final_polls = 0
     yield "retry: 2000\n\n"
@@ -333,7 +334,7 @@ async def _event_stream(request: Request, search_id: int, after: int) -> AsyncIt
             return
         events = await run_in_threadpool(store.events, search_id, after=after, limit=500)
         for event in events:
-            after = event.id
+            after, last_kind = event.id, event.kind
             yield _sse(event.kind, {**_json_safe(event.data), "at": event.created_at.isoformat()}, event.id)
             last_sent = time.monotonic()
         progress = progress_of(row)
@@ -343,7 +344,9 @@ async def _event_stream(request: Request, search_id: int, after: int) -> AsyncIt
             last_sent = time.monotonic()
         if row.status in FINISHED_STATUSES and len(events) < 500:
             final_polls += 1
-            if final_polls >= 2:  # one more read after the final status: the runner's last event follows it
+            # the runner writes its `finished` event just after the final status: end once it is sent (a search
+            # cancelled while queued has none, so one more read settles it)
+            if last_kind == "finished" or final_polls >= 2:
                 yield _sse("end", progress)
                 return
         if time.monotonic() - last_sent >= KEEPALIVE_S:

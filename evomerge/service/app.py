@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -104,10 +104,21 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+def _leaves(routes: Any) -> Iterator[Any]:
+    """Every route, also those of included routers (which FastAPI keeps nested; ours add no prefix of their
+    own when included, their routes carry full paths)."""
+    for route in routes:
+        nested = getattr(route, "original_router", None)
+        if nested is not None:
+            yield from _leaves(nested.routes)
+        else:
+            yield route
+
+
 def allowed_methods(app: Any, scope: dict) -> list[str]:
     """The methods of every route whose path matches ``scope``'s (for a 405's ``Allow`` header)."""
     methods: set[str] = set()
-    for route in app.router.routes:
+    for route in _leaves(app.router.routes):
         match, _ = route.matches({**scope, "method": "\x00"})
         if match != Match.NONE:
             methods |= set(getattr(route, "methods", None) or ())

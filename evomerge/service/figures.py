@@ -109,8 +109,9 @@ def front_figure(summary: Summary, scored: Sequence[tuple[int, Mapping[str, Any]
                              customdata=[i for i, _ in scored], mode="markers", name="candidates",
                              hovertemplate=_hover(names) + "<extra></extra>", marker={"color": GREY, "size": 6}))
     ordered = sorted(front, key=lambda p: p.values[x])
-    # The staircase between front points: the region a front dominates has its corner where the front is.
-    shape = "hv" if summary.objectives[1].maximize == summary.objectives[0].maximize else "vh"
+    # The staircase is the edge of the region the front dominates: sorted by x, it steps vertically first when x
+    # is maximized (the next point's better x is paid for on y at the current x), horizontally first when not.
+    shape = "vh" if summary.objectives[0].maximize else "hv"
     fig.add_trace(go.Scatter(x=[p.values[x] for p in ordered], y=[p.values[y] for p in ordered],
                              customdata=[p.index for p in ordered], mode="lines+markers", name="front",
                              line={"shape": shape, "color": BLUE, "width": 1.5},

@@ -44,7 +44,8 @@ def front_png(summary: "Summary", points: Sequence[tuple[int, dict[str, float]]]
         front = sorted(summary.front, key=lambda p: p.values[x])
         fx, fy = [p.values[x] for p in front], [p.values[y] for p in front]
         if len(names) == 2:
-            ax.step(fx, fy, where="pre" if summary.objectives[1].maximize else "post", c="tab:blue", lw=1)
+            # the edge of the dominated region: vertical first when x is maximized (see figures.front_figure)
+            ax.step(fx, fy, where="pre" if summary.objectives[0].maximize else "post", c="tab:blue", lw=1)
         ax.scatter(fx, fy, s=28, c="tab:blue", label="front")
         if summary.best is not None:
             ax.scatter([summary.best.values[x]], [summary.best.values[y]], s=90, marker="*", c="tab:orange",

@@ -11,7 +11,16 @@ import pytest
 from evomerge.storage.testing import database_for_tests
 from evomerge.testbeds import build
 
-from service_helpers import LiveServer
+from service_helpers import RUNNER_TESTS, LiveServer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _objective_importable() -> None:
+    """Searches run in this process (references) import the runner tests' slow objective by name."""
+    import sys
+
+    if str(RUNNER_TESTS) not in sys.path:
+        sys.path.insert(0, str(RUNNER_TESTS))
 
 
 @pytest.fixture(scope="session")

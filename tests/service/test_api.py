@@ -368,6 +368,26 @@ def test_the_dashboard_serves_its_pages_figures_and_plotly_offline(api_server: L
         assert client.get("/searches/987654").status_code == 404
 
 
+def test_a_map_search_shows_its_predicted_front_beside_the_evaluated_one(api_server: LiveServer) -> None:
+    spec = digits_spec(name="map", algorithm="map", budget=28, options={}, method="task_arithmetic")
+    spec["space"] = {"kind": "coefficients", "search": {"weight": [0.0, 1.0]}}
+    with api_server.client() as client:
+        created = client.post("/api/v1/searches", json=spec)
+        assert created.status_code == 201, created.text
+        search_id = created.json()["id"]
+        assert wait_for(client, search_id, server=api_server)["status"] == "done"
+        report = client.get(f"/api/v1/searches/{search_id}/front").json()["report"]["optimizer"]
+        figures = client.get(f"/ui/searches/{search_id}/figures").json()
+        page = client.get(f"/searches/{search_id}").text
+    assert report["mode"] == "map" and len(report["predicted_front"]["values"]) > 1
+    assert 'id="map-plot"' in page
+    names = [trace["name"] for trace in figures["map"]["data"]]
+    assert names == ["predicted by the surrogates", "prediction → evaluation", "evaluated"]
+    evaluated = figures["map"]["data"][2]
+    assert list(evaluated["x"]) == [v[0] for v in report["evaluated_front"]["values"]]
+    assert "R²" in figures["map"]["layout"]["title"]["text"]
+
+
 # ---------------------------------------------------------------------------------------------- the CLI
 
 
