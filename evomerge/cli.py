@@ -636,7 +636,7 @@ def front(
             summary = summarize(store, search_id)
             document = summary.to_dict()
             if png:
-                points = [(index, values) for index, values, _ in store.scored(search_id)]
+                points = [(index, values) for index, values, _ in summary.scored]
     if as_json:  # the same document as `status --json`
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
         return

@@ -18,7 +18,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from evomerge.errors import RecipeError
 from evomerge.service.auth import require_token
-from evomerge.service.results import MAX_ID, Scoring, finite, finite_values, summarize
+from evomerge.service.results import MAX_ID, Scoring, Summary, finite, finite_values
 from evomerge.service.schemas import (CandidateBrief, CandidateOut, CandidatePage, ErrorOut, FrontOut, SearchBrief,
                                       SearchCreated, SearchOut, SearchPage, StatusOut)
 from evomerge.spec import JobSpec
@@ -69,9 +69,13 @@ def _brief(row: SearchRow) -> dict[str, Any]:
             "started_at": row.started_at, "finished_at": row.finished_at}
 
 
-def search_document(store: Any, search_id: int) -> dict[str, Any]:
+def _summary(request: Request, search_id: int) -> Summary:
+    """The search's summary (best, front, references) from the server's cache, with its row read just now."""
+    return request.app.state.summaries.get(_store(request), _search(request, search_id))
+
+
+def search_document(summary: Summary) -> dict[str, Any]:
     """``GET /searches/{id}``: the ``status --json`` document, with the spec and the ranking rule."""
-    summary = summarize(store, search_id)
     document = summary.to_dict()
     document.update(_brief(summary.row))
     document["scalarize"] = summary.scoring.scalarize
@@ -128,8 +132,7 @@ def list_searches(request: Request,
 @router.get("/searches/{search_id}", response_model=SearchOut, responses=_missing, tags=["searches"])
 def get_search(request: Request, search_id: int = SearchId) -> dict[str, Any]:
     """A search: status, counts, the best candidate, the front (with holdout scores) and the experts' scores."""
-    _search(request, search_id)
-    return search_document(_store(request), search_id)
+    return search_document(_summary(request, search_id))
 
 
 @router.post("/searches/{search_id}/cancel", response_model=StatusOut, responses={**_missing, **_conflict},
@@ -185,16 +188,14 @@ def _candidate_brief(row: CandidateRow, score: float | None) -> dict[str, Any]:
 
 
 def _scores(scoring: Scoring, rows: list[CandidateRow]) -> list[float | None]:
-    names = scoring.names
-    out: list[float | None] = []
-    for row in rows:
-        if row.status != "done" or not row.values:
-            out.append(None)
-            continue
-        value = scoring.scores([[row.values.get(n) if row.values.get(n) is not None else float("nan")
-                                 for n in names]])[0]
-        out.append(finite(value))
-    return out
+    """Each row's score under the search's ``scalarize`` rule (``None`` unless it is done and finite)."""
+    scored = [r for r in rows if r.status == "done" and r.values]
+    if not scored:
+        return [None] * len(rows)
+    nan = float("nan")
+    values = [[nan if (v := (r.values or {}).get(n)) is None else v for n in scoring.names] for r in scored]
+    by_index = {r.index: finite(x) for r, x in zip(scored, scoring.scores(values))}
+    return [by_index.get(r.index) for r in rows]
 
 
 @router.get("/searches/{search_id}/candidates", response_model=CandidatePage, responses=_missing,
@@ -224,8 +225,10 @@ def list_candidates(request: Request, search_id: int = SearchId,
             "limit": limit, "offset": offset}
 
 
-def _candidate(request: Request, search_id: int, candidate_id: int, *, per_example: bool = False) -> CandidateRow:
-    _search(request, search_id)
+def _candidate(request: Request, search_id: int, candidate_id: int, *, per_example: bool = False,
+               search: SearchRow | None = None) -> CandidateRow:
+    if search is None:
+        _search(request, search_id)
     row = _store(request).candidate(search_id, candidate_id, with_per_example=per_example)
     if row is None:
         raise HTTPException(404, f"search {search_id} has no candidate {candidate_id}")
@@ -238,8 +241,9 @@ def get_candidate(request: Request, search_id: int = SearchId, candidate_id: int
                   per_example: bool = Query(False, description="Include every per-example score.")
                   ) -> dict[str, Any]:
     """One candidate: genome, recipe, scores, holdout scores, timings, worker, error."""
-    row = _candidate(request, search_id, candidate_id, per_example=True)
-    scoring = Scoring.of(_search(request, search_id).spec)
+    search = _search(request, search_id)
+    row = _candidate(request, search_id, candidate_id, per_example=True, search=search)
+    scoring = Scoring.of(search.spec)
     out = _candidate_brief(row, _scores(scoring, [row])[0])
     out.update({"search_id": search_id, "genome": [float(g) for g in row.genome],
                 "recipe": None if row.recipe is None else json.loads(row.recipe), "recipe_hash": row.recipe_hash})
@@ -254,8 +258,7 @@ def get_candidate(request: Request, search_id: int = SearchId, candidate_id: int
 def get_front(request: Request, search_id: int = SearchId) -> dict[str, Any]:
     """The Pareto front (best first by the search's score), the best candidate, the experts' scores, and the
     algorithm's report (MAP's predicted front and surrogate R²)."""
-    _search(request, search_id)
-    document = search_document(_store(request), search_id)
+    document = search_document(_summary(request, search_id))
     checkpoint = _store(request).latest_checkpoint(search_id)
     keys = ("id", "status", "objectives", "scalarize", "best", "front", "references")
     return {**{k: document[k] for k in keys}, "report": None if checkpoint is None else checkpoint.report}
@@ -300,11 +303,10 @@ def candidate_recipe(request: Request, search_id: int = SearchId, candidate_id: 
 def best_recipe(request: Request, search_id: int = SearchId,
                 format: Literal["mergekit", "json"] = Format) -> PlainTextResponse:
     """Download the best candidate's recipe (the front member with the highest score)."""
-    _search(request, search_id)
-    best = summarize(_store(request), search_id).best
-    if best is None:
+    summary = _summary(request, search_id)
+    if summary.best is None:
         raise HTTPException(409, f"search {search_id} has no successful candidate yet")
-    return _recipe_response(search_id, _candidate(request, search_id, best.index), format)
+    return _recipe_response(search_id, _candidate(request, search_id, summary.best.index, search=summary.row), format)
 
 
 # -------------------------------------------------------------------------------------------------- events

@@ -10,7 +10,10 @@ token 401, a body over the limit 413. No route answers a user's mistake with a t
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
+import sys
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Iterator
 
@@ -25,10 +28,13 @@ from starlette.routing import Match
 
 from evomerge import __version__
 from evomerge.errors import UserError, first_error
+from evomerge.service.results import SummaryCache
 from evomerge.service.schemas import HealthOut
 from evomerge.service.settings import Settings
 
 log = logging.getLogger("evomerge.service")
+
+FREEZE_EVERY_S = 2.0
 
 DESCRIPTION = """Evolutionary search for model-merge recipes.
 
@@ -125,6 +131,21 @@ def allowed_methods(app: Any, scope: dict) -> list[str]:
     return sorted(methods)
 
 
+async def _freeze_imports(every: float = FREEZE_EVERY_S) -> None:
+    """Keep imported modules out of the garbage collector's full passes.
+
+    Runners import torch, Ray, pymoo, scipy… on their first search: some 200,000 long-lived objects that every
+    full collection would scan again (80-150 ms with the GIL held, measured by ``benchmarks/api_load.py``: the
+    slowest API answers). Whenever modules were imported since the last look, the heap is frozen
+    (:func:`gc.freeze`); objects freed later by reference counting are still freed."""
+    known = -1
+    while True:
+        if len(sys.modules) != known:
+            known = len(sys.modules)
+            gc.freeze()
+        await asyncio.sleep(every)
+
+
 def create_app(settings: Settings | None = None, *, executor_factory: Callable[[Any], Any] | None = None,
                start_controller: bool = True) -> FastAPI:
     """The application for ``settings`` (default: from the environment). The store and the controller start
@@ -146,9 +167,12 @@ def create_app(settings: Settings | None = None, *, executor_factory: Callable[[
         app.state.metrics = registry_for(store, controller)
         if start_controller:
             await run_in_threadpool(controller.start)
+        gc.collect()
+        freezer = asyncio.create_task(_freeze_imports())
         try:
             yield
         finally:
+            freezer.cancel()
             await run_in_threadpool(controller.shutdown)
             store.close()
 
@@ -156,6 +180,7 @@ def create_app(settings: Settings | None = None, *, executor_factory: Callable[[
                   openapi_tags=[{"name": "searches"}, {"name": "candidates"}, {"name": "recipes"},
                                 {"name": "service"}])
     app.state.settings = settings
+    app.state.summaries = SummaryCache()
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, error: UserError) -> JSONResponse:

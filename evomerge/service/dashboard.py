@@ -19,7 +19,7 @@ from fastapi.templating import Jinja2Templates
 
 from evomerge import __version__
 from evomerge.service.auth import COOKIE, COOKIE_MAX_AGE, authorized, token_ok
-from evomerge.service.results import MAX_ID, Scoring, summarize
+from evomerge.service.results import MAX_ID, Scoring
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -78,10 +78,11 @@ def search_figures(request: Request, search_id: int) -> Response:
     if not authorized(request):
         return JSONResponse({"detail": "log in first"}, status_code=401)
     store = request.app.state.store
-    if not 1 <= search_id <= MAX_ID or store.get_search(search_id) is None:
+    row = store.get_search(search_id) if 1 <= search_id <= MAX_ID else None
+    if row is None:
         raise HTTPException(404, f"there is no search {search_id}")
-    summary = summarize(store, search_id)
-    scored = [(index, values) for index, values, _ in store.scored(search_id)]
+    summary = request.app.state.summaries.get(store, row)
+    scored = [(index, values) for index, values, _ in summary.scored]
     checkpoint = store.latest_checkpoint(search_id) if summary.row.algorithm == "map" else None
     body = figures(summary, scored, None if checkpoint is None else checkpoint.report)
     return JSONResponse(body, headers={"Cache-Control": "no-store"})

@@ -9,7 +9,10 @@ definition; the runner uses it too (progress, events, checkpoint reports, holdou
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -92,6 +95,7 @@ class Summary:
     best: Point | None
     front: list[Point]
     references: list[dict[str, Any]]
+    scored: list[tuple[int, dict[str, float | None], dict[str, float | None] | None]] = field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
@@ -181,9 +185,9 @@ def spec_of(row: Any) -> JobSpec:
     return JobSpec.from_dict(row.spec, where=f"search {row.id}")
 
 
-def summarize(store: "Store", search_id: int) -> Summary:
-    """Best, front and references of a search from its rows."""
-    row = search_row(store, search_id)
+def summarize(store: "Store", search_id: int, *, row: Any = None) -> Summary:
+    """Best, front and references of a search from its rows (``row``: the search's row, when already read)."""
+    row = search_row(store, search_id) if row is None else row
     scoring = Scoring.of(row.spec)
     names = scoring.names
     rows = store.scored(search_id)
@@ -198,7 +202,62 @@ def summarize(store: "Store", search_id: int) -> Summary:
         values = reference.get("values") or {}
         reference["score"] = (finite(scoring.scores([[_value(values, n) for n in names]])[0]) if values else None)
         references.append(reference)
-    return Summary(search_id, row, scoring, best, points, references)
+    return Summary(search_id, row, scoring, best, points, references, rows)
+
+
+class SummaryCache:
+    """The latest :class:`Summary` of each search, for a server that is asked for it many times a second.
+
+    A summary reads every scored candidate of a search; twenty dashboards or scripts polling a running search
+    would read them all on every poll. An entry is reused while the search's status, stop reason, error and
+    timestamps are those of the row the caller just read, and — while the search is not finished — for at most
+    ``max_age`` seconds: the front and the best of a running search may lag its counts by that much, a finished
+    search's never do (its summary is computed after it finished). While one thread recomputes a stale entry,
+    others that have one with the same status get it at once instead of piling up behind it.
+    """
+
+    def __init__(self, max_age: float = 1.0, size: int = 64) -> None:
+        self.max_age = max_age
+        self.size = size
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[int, tuple[tuple[Any, ...], float, Summary]] = OrderedDict()
+        self._refreshing: dict[int, threading.Lock] = {}
+
+    @staticmethod
+    def _key(row: Any) -> tuple[Any, ...]:
+        return (row.status, row.stop_reason, row.error, row.started_at, row.finished_at)
+
+    def get(self, store: "Store", row: Any) -> Summary:
+        """The summary of the search whose row (just read, with counts) is ``row``; its ``row`` is that row."""
+        return replace(self._get(store, row), row=row)
+
+    def _get(self, store: "Store", row: Any) -> Summary:
+        from evomerge.storage.models import FINISHED_STATUSES
+
+        key, now = self._key(row), time.monotonic()
+        with self._lock:
+            entry = self._entries.get(row.id)
+            refreshing = self._refreshing.setdefault(row.id, threading.Lock())
+        usable = entry is not None and entry[0] == key
+        if usable and (row.status in FINISHED_STATUSES or now - entry[1] < self.max_age):  # type: ignore[index]
+            return entry[2]  # type: ignore[index]
+        if not refreshing.acquire(blocking=not usable):
+            return entry[2]  # type: ignore[index]  # another thread is refreshing it
+        try:
+            with self._lock:
+                entry = self._entries.get(row.id)
+            if entry is not None and entry[0] == key and entry[1] >= now:
+                return entry[2]  # refreshed while this thread waited
+            summary = summarize(store, row.id, row=row)
+            with self._lock:
+                self._entries[row.id] = (key, time.monotonic(), summary)
+                self._entries.move_to_end(row.id)
+                while len(self._entries) > self.size:
+                    old, _ = self._entries.popitem(last=False)
+                    self._refreshing.pop(old, None)
+            return summary
+        finally:
+            refreshing.release()
 
 
 def finite(value: Any) -> float | None:
@@ -255,5 +314,5 @@ def candidate_recipe(store: "Store", search_id: int, candidate: str | int = "bes
     return index, Recipe.model_validate_json(row.recipe)
 
 
-__all__ = ["MAX_ID", "REFERENCE_EVENT", "Objective", "Point", "Scoring", "Summary", "candidate_recipe", "event_data",
-           "event_kind", "finite", "finite_values", "rank_front", "search_row", "spec_of", "summarize"]
+__all__ = ["MAX_ID", "REFERENCE_EVENT", "Objective", "Point", "Scoring", "Summary", "SummaryCache", "candidate_recipe",
+           "event_data", "event_kind", "finite", "finite_values", "rank_front", "search_row", "spec_of", "summarize"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+import json
 import os
 import socket
 import uuid
@@ -701,11 +702,20 @@ class Store:
         """``(index, values, holdout)`` of every ``done`` candidate scored by a worker (not a copy of an identical
         recipe's scores), by index: what fronts and plots need, without genomes, recipes or per-example scores."""
         c = _CANDIDATES.c
-        stmt = (
-            select(c.idx, c.objective_values, c.holdout)
-            .where(c.search_id == search_id, c.status == "done", c.reused_from.is_(None))
-            .order_by(c.idx)
-        )
+        where = (c.search_id == search_id, c.status == "done", c.reused_from.is_(None))
+        if self.backend == "sqlite":
+            # One row holding a JSON array, not one row per candidate: Python's sqlite3 releases the GIL around
+            # every row it steps, and next to busy threads (a server's runners) each release costs a wait for
+            # the GIL — thousands of rows took ~20x longer under load than alone (benchmarks/api_load.py).
+            inner = (
+                select(c.idx, c.objective_values, c.holdout).where(*where).order_by(c.idx).subquery()
+            )
+            row = func.json_array(inner.c.idx, func.json(inner.c.objective_values), func.json(inner.c.holdout))
+            stmt = select(func.json_group_array(row)).select_from(inner)
+            with self._read() as session:
+                rows = json.loads(session.scalar(stmt) or "[]")
+            return sorted(((int(i), v or {}, h) for i, v, h in rows), key=lambda r: r[0])
+        stmt = select(c.idx, c.objective_values, c.holdout).where(*where).order_by(c.idx)
         with self._read() as session:
             return [(int(i), v or {}, h) for i, v, h in session.execute(stmt)]
 

@@ -8,6 +8,8 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -45,21 +47,28 @@ def _controller(store: Store, root: Path, **settings) -> Controller:
     return Controller(store, Settings(model_roots=(root,), executor="inline", allow_python_scorers=True, **settings))
 
 
+@contextmanager
+def _running(store: Store, root: Path, **settings) -> Iterator[Controller]:
+    """A started controller, shut down on the way out."""
+    controller = _controller(store, root, **settings)
+    controller.start()
+    try:
+        yield controller
+    finally:
+        controller.shutdown()
+
+
 def test_the_queue_runs_searches_in_submission_order_within_the_limit(store: Store, model_root: Path) -> None:
     ids = [submit(store, _spec(model_root, name=f"q{k}", budget=8 + 4 * k, pause={"seconds": 0.02}))
            for k in range(3)]
-    controller = _controller(store, model_root, max_concurrent=1)
     peak = 0
-    controller.start()
-    try:
+    with _running(store, model_root, max_concurrent=1) as controller:
         deadline = time.monotonic() + 120
         finished = ("done", "failed", "cancelled")
         while time.monotonic() < deadline and not all(store.get_search(i).status in finished for i in ids):
             peak = max(peak, len(controller.running_ids()),
                        sum(store.get_search(i).status == "running" for i in ids))
             time.sleep(0.01)
-    finally:
-        controller.shutdown()
     assert [store.get_search(i).status for i in ids] == ["done"] * 3 and peak == 1
     spans = []
     for i in ids:
@@ -75,12 +84,8 @@ def test_a_queued_search_whose_models_vanished_fails_in_one_line(store: Store, m
     shutil.copytree(model_root / "digits", copy / "digits")
     search_id = submit(store, _spec(copy))
     shutil.rmtree(copy / "digits" / "base")
-    controller = _controller(store, copy)
-    controller.start()
-    try:
+    with _running(store, copy):
         _wait(store, [search_id])
-    finally:
-        controller.shutdown()
     row = store.get_search(search_id)
     assert row.status == "failed" and "base" in row.error and "\n" not in row.error
 
@@ -92,14 +97,10 @@ def test_searches_whose_runner_died_are_adopted_and_live_ones_are_left_alone(sto
     store.start_search(same_pid, owner=f"{socket.gethostname()}:{os.getpid()}:feedbeef")
     elsewhere = submit(store, _spec(model_root, name="elsewhere", budget=8))
     store.start_search(elsewhere, owner="another-host:4242:abc")  # heartbeat fresh: alive
-    controller = _controller(store, model_root)
-    controller.start()
-    try:
+    with _running(store, model_root):
         _wait(store, [same_pid])
         time.sleep(0.5)
         assert store.get_search(elsewhere).status == "running"  # never taken from a live runner
-    finally:
-        controller.shutdown()
     assert store.get_search(same_pid).status == "done"
     assert [e.data["reason"] for e in store.events(same_pid, kind="requeued")] == ["its runner is gone"]
 
@@ -114,12 +115,8 @@ def test_a_shutdown_requeues_what_runs_and_a_new_controller_finishes_it(store: S
     controller.shutdown()
     row = store.get_search(search_id)
     assert (row.status, row.stop_reason) == ("queued", "shutdown") and row.counts["done"] < 24
-    again = _controller(store, model_root)
-    again.start()
-    try:
+    with _running(store, model_root):
         _wait(store, [search_id])
-    finally:
-        again.shutdown()
     assert store.get_search(search_id).status == "done" and store.count_candidates(search_id)["done"] == 24
 
 

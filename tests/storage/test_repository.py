@@ -195,6 +195,23 @@ def test_candidates_sort_by_an_objective_with_unscored_rows_last(store: Store) -
         store.candidates(sid, order_by="acc")
 
 
+def test_scored_lists_done_rows_scored_by_a_worker_with_holdout_by_index(store: Store) -> None:
+    sid = new_search(store)
+    _add(store, sid, [12, 3, 7, 0, 5, 9, 10, 11, 1, 2, 4, 6, 8])  # inserted out of order
+    store.complete_candidates(sid, [
+        _done(12, 0.9, 0.1), _done(3, float("nan"), 0.5), CandidateResult(7, "failed", error="oom"),
+        _done(0, 0.25, 0.75), _done(5, 0.5, 0.5, reused_from=0), *[_done(i, i / 100, 0.0) for i in (10, 11, 1, 2)],
+    ])  # 9, 4, 6, 8 stay pending
+    store.set_holdout(sid, 12, {"acc_0_4": 0.875, "acc_5_9": float("inf")})
+    assert store.scored(sid) == [
+        (0, {"acc_0_4": 0.25, "acc_5_9": 0.75}, None), (1, {"acc_0_4": 0.01, "acc_5_9": 0.0}, None),
+        (2, {"acc_0_4": 0.02, "acc_5_9": 0.0}, None), (3, {"acc_0_4": None, "acc_5_9": 0.5}, None),
+        (10, {"acc_0_4": 0.1, "acc_5_9": 0.0}, None), (11, {"acc_0_4": 0.11, "acc_5_9": 0.0}, None),
+        (12, {"acc_0_4": 0.9, "acc_5_9": 0.1}, {"acc_0_4": 0.875, "acc_5_9": None}),
+    ]
+    assert store.scored(new_search(store)) == []
+
+
 def test_find_done_by_hash_returns_the_earliest_done_row(store: Store) -> None:
     sid = new_search(store)
     store.add_candidates(sid, [NewCandidate(i, np.zeros(2), recipe_hash=h) for i, h in enumerate("abab")])
