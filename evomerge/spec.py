@@ -39,8 +39,11 @@ class SpecError(UserError):
             self.args = (f"{file}: {self.args[0]}",)
 
 
+MAX_EVALUATIONS = 2**31 - 1  # candidate ids are SQL INTEGER
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # JSON bodies may carry Infinity and NaN
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -355,7 +358,8 @@ class AlgorithmSpec(_Strict):
 
 
 class BudgetSpec(_Strict):
-    evaluations: int = Field(default=100, ge=1, description="Candidates the optimizer is told at most; an identical recipe is scored once and its repeats copy the scores but still count.")
+    evaluations: int = Field(default=100, ge=1, le=MAX_EVALUATIONS,
+                             description="Candidates the optimizer is told at most; an identical recipe is scored once and its repeats copy the scores but still count.")
     wall_time_s: float | None = Field(default=None, gt=0, description="Stop after this many seconds.")
 
 
@@ -363,7 +367,8 @@ class ResourcesSpec(_Strict):
     workers: int = Field(default=1, ge=1)
     gpus_per_worker: float = Field(default=0, ge=0)
     cpus_per_worker: float = Field(default=1, gt=0)
-    device: str | None = Field(default=None, description="Override the device (cpu, cuda, cuda:1).")
+    device: str | None = Field(default=None, pattern=r"^(cpu|mps|cuda(:\d+)?)$",
+                               description="Override the device (cpu, cuda, cuda:1, mps).")
 
 
 # ------------------------------------------------------------------------------------------------------- job

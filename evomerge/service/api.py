@@ -28,6 +28,7 @@ from evomerge.storage.repository import CandidateRow, SearchRow
 PREFIX = "/api/v1"
 MAX_CANDIDATE_ID = 2**31 - 1  # candidate indices are SQL INTEGER
 EVENT_POLL_S = 0.5  # the event stream reads the database this often
+CHECK_WAIT_S = 60.0  # a submission waits this long for its turn to load and check its models
 KEEPALIVE_S = 15.0  # and sends a comment line at least this often, so proxies keep the connection
 
 _errors = {401: {"model": ErrorOut, "description": "No or a wrong bearer token."}}
@@ -80,10 +81,9 @@ def search_document(summary: Summary) -> dict[str, Any]:
     document.update(_brief(summary.row))
     document["scalarize"] = summary.scoring.scalarize
     document["spec"] = summary.row.spec
-    for reference in document["references"]:
-        for key in ("values", "holdout"):
-            reference[key] = finite_values(reference.get(key))
-        reference["score"] = finite(reference.get("score"))
+    # new dicts: the summary (and its references) is shared by every request through the cache
+    document["references"] = [{**r, "values": finite_values(r.get("values")), "holdout": finite_values(r.get("holdout")),
+                               "score": finite(r.get("score"))} for r in document["references"]]
     return document
 
 
@@ -91,7 +91,9 @@ def search_document(summary: Summary) -> dict[str, Any]:
 
 
 @router.post("/searches", status_code=201, response_model=SearchCreated, tags=["searches"],
-             responses={201: {"description": "Created; the Location header points at the search."}})
+             responses={201: {"description": "Created; the Location header points at the search."},
+                        503: {"model": ErrorOut, "description": "Shutting down, or busy checking other submissions "
+                              "(Retry-After)."}})
 def create_search(spec: JobSpec, request: Request, response: Response) -> dict[str, Any]:
     """Submit a search: the body is the job spec (the same document as a spec file, as JSON).
 
@@ -108,7 +110,14 @@ def create_search(spec: JobSpec, request: Request, response: Response) -> dict[s
     settings = request.app.state.settings
     spec = confine(spec, settings.model_roots, allow_python=settings.allow_python_scorers)
     controller.check_resources(spec)
-    prepared = prepare(spec)
+    checking = request.app.state.checking
+    if not checking.acquire(timeout=CHECK_WAIT_S):  # each check loads the models: a burst must not exhaust memory
+        raise HTTPException(503, "the server is busy checking other submissions; submit again in a minute",
+                            headers={"Retry-After": "30"})
+    try:
+        prepared = prepare(spec)
+    finally:
+        checking.release()
     store = _store(request)
     search_id = submit(store, spec, None, prepared=prepared)
     controller.hand_over(search_id, prepared)

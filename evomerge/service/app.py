@@ -5,7 +5,9 @@
 
 Errors are JSON ``{"detail": "...", "field": "..."}``: a user's mistake names the field and the fix (422), a
 missing search or candidate is 404, a request that the search's state does not allow is 409, a missing or wrong
-token 401, a body over the limit 413. No route answers a user's mistake with a traceback.
+token 401, a body over the limit 413; a state-changing request from another web page's origin is 403, and a
+server without tokens answers 421 to requests not addressed to a loopback name (:mod:`evomerge.service.guards`).
+No route answers a user's mistake with a traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import gc
 import logging
 import sys
+import threading
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Iterator
 
@@ -28,6 +31,7 @@ from starlette.routing import Match
 
 from evomerge import __version__
 from evomerge.errors import UserError, first_error
+from evomerge.service.guards import CatchAll, LoopbackHosts, SameOrigin
 from evomerge.service.results import SummaryCache
 from evomerge.service.schemas import HealthOut
 from evomerge.service.settings import Settings
@@ -35,6 +39,7 @@ from evomerge.service.settings import Settings
 log = logging.getLogger("evomerge.service")
 
 FREEZE_EVERY_S = 2.0
+CHECKS_AT_ONCE = 2  # submissions whose models are loaded and checked at the same time (each holds a model set)
 
 DESCRIPTION = """Evolutionary search for model-merge recipes.
 
@@ -137,11 +142,13 @@ async def _freeze_imports(every: float = FREEZE_EVERY_S) -> None:
     Runners import torch, Ray, pymoo, scipy… on their first search: some 200,000 long-lived objects that every
     full collection would scan again (80-150 ms with the GIL held, measured by ``benchmarks/api_load.py``: the
     slowest API answers). Whenever modules were imported since the last look, the heap is frozen
-    (:func:`gc.freeze`); objects freed later by reference counting are still freed."""
+    (:func:`gc.freeze`), after one full collection so that no garbage is frozen with it; objects freed later by
+    reference counting are still freed, objects in cycles made since the freeze by the collector."""
     known = -1
     while True:
         if len(sys.modules) != known:
             known = len(sys.modules)
+            gc.collect()  # garbage frozen now would never be collected
             gc.freeze()
         await asyncio.sleep(every)
 
@@ -167,7 +174,6 @@ def create_app(settings: Settings | None = None, *, executor_factory: Callable[[
         app.state.metrics = registry_for(store, controller)
         if start_controller:
             await run_in_threadpool(controller.start)
-        gc.collect()
         freezer = asyncio.create_task(_freeze_imports())
         try:
             yield
@@ -181,6 +187,7 @@ def create_app(settings: Settings | None = None, *, executor_factory: Callable[[
                                 {"name": "service"}])
     app.state.settings = settings
     app.state.summaries = SummaryCache()
+    app.state.checking = threading.BoundedSemaphore(CHECKS_AT_ONCE)
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, error: UserError) -> JSONResponse:
@@ -206,11 +213,6 @@ def create_app(settings: Settings | None = None, *, executor_factory: Callable[[
         if error.status_code == 405:  # every method of the path (Starlette names only the first route's)
             headers["Allow"] = ", ".join(allowed_methods(request.app, request.scope))
         return _error(error.status_code, str(error.detail), headers=headers or None)
-
-    @app.exception_handler(Exception)
-    async def crash(request: Request, error: Exception) -> JSONResponse:
-        log.exception("%s %s failed", request.method, request.url.path)
-        return _error(500, "internal error; the server log has the details")
 
     app.include_router(api.router)
     app.include_router(dashboard.router)
@@ -243,8 +245,13 @@ def create_app(settings: Settings | None = None, *, executor_factory: Callable[[
         return Response(render(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
 
     app.mount("/static", StaticFiles(directory=str(dashboard.HERE / "static")), name="static")
+    # outermost last: CatchAll, LoopbackHosts (no tokens), SameOrigin, BodyLimit, GZip, then the routes
     app.add_middleware(GZipMiddleware, minimum_size=1024)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(SameOrigin)
+    if not settings.auth:
+        app.add_middleware(LoopbackHosts)
+    app.add_middleware(CatchAll)
     return app
 
 

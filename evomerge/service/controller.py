@@ -197,6 +197,7 @@ class Controller:
                 log.exception("the dispatcher could not read the queue")
 
     def _fill(self) -> None:
+        self._drop_stale_models()
         with self._lock:
             free = self.settings.max_concurrent - len(self._running)
         if free <= 0:
@@ -220,6 +221,18 @@ class Controller:
                 self._running[row.id] = Running(row.id, thread, spec.resources.workers, cpus, gpus)
                 free -= 1
             thread.start()
+
+    def _drop_stale_models(self) -> None:
+        """Forget loaded models kept for searches that will not start here (cancelled while they waited for room,
+        or taken by another server on the same database)."""
+        with self._lock:
+            waiting = [i for i in self._prepared if i not in self._running]
+        for search_id in waiting:
+            row = self.store.get_search(search_id)
+            if row is None or row.status != "queued":
+                with self._lock:
+                    if search_id not in self._running:
+                        self._prepared.pop(search_id, None)
 
     def _adopt(self) -> None:
         """Queue again every ``running`` search whose runner is gone, and cancel ``cancelling`` ones."""
@@ -268,9 +281,13 @@ class Controller:
             with self._executor(spec) as executor:
                 if self._stopping.is_set():
                     return
+                row = self.store.get_search(search_id)
+                if row is None or row.status != "queued":
+                    return  # cancelled (or taken) while the executor started
                 self._score_references(search_id, spec, executor)
+                # started only if still queued: a cancel during the experts' scoring wins
                 runner = Runner(self.store, search_id, executor=executor, should_stop=self._should_stop,
-                                prepared=prepared)
+                                prepared=prepared, from_status="queued")
                 self._owners.add(runner.owner)
                 try:
                     result = runner.run()

@@ -311,7 +311,7 @@ class Runner:
     def __init__(self, store: "Store", search_id: int, *, executor: Any,
                  progress: Callable[[RunProgress], None] | None = None,
                  should_stop: Callable[[], bool | str] | None = None, prepared: Prepared | None = None,
-                 take_over: bool = False) -> None:
+                 take_over: bool = False, from_status: str | None = None) -> None:
         self.store = store
         self.take_over = take_over
         self.search_id = search_id
@@ -322,6 +322,9 @@ class Runner:
         if row is None:
             raise UserError(f"there is no search {search_id}", where="ID")
         self.row = row
+        # the status the caller decided to start from (default: the one read now); a search whose status moved
+        # since — a cancel while the controller scored its experts — is not started
+        self.from_status = from_status or row.status
         self.spec = prepared.spec if prepared is not None else JobSpec.from_dict(row.spec, where=f"search {search_id}")
         self.prepared = prepared
         self.names = self.spec.objective_names
@@ -359,7 +362,7 @@ class Runner:
         space = self.prepared.space
         # Compare-and-set from the status this runner was built on: a cancel that came meanwhile wins, and a
         # search a live runner holds raises SearchBusyError (two resumes of one search: one wins).
-        status_now = store.start_search(sid, owner=self.owner, from_status=self.row.status,
+        status_now = store.start_search(sid, owner=self.owner, from_status=self.from_status,
                                         **({"stale_after": 0.0} if self.take_over else {}))
         if status_now != "running":
             return RunResult(sid, status_now, f"not started: the search is {status_now}", 0)

@@ -32,14 +32,17 @@ def spec_paths(spec: JobSpec) -> Iterator[tuple[str, str]]:
 
 def resolve_in_roots(value: str, roots: Sequence[Path], where: str) -> str:
     """``value`` as an absolute path with symlinks resolved, which must lie inside one of ``roots``."""
-    path = Path(value).expanduser()
-    if not path.is_absolute():
-        candidates = [root / path for root in roots]
-        path = next((c for c in candidates if c.exists()), candidates[0])
+    if "\0" in value:
+        raise SpecError(f"{value!r} contains a NUL character, which no file name can hold", where=where)
     try:
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            candidates = [root / path for root in roots]
+            path = next((c for c in candidates if c.exists()), candidates[0])
         real = path.resolve()
-    except (OSError, RuntimeError) as e:  # a symlink loop, a name too long
-        raise SpecError(f"{value}: cannot resolve this path ({e})", where=where) from None
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a name too long, no permission
+        raise SpecError(f"{value[:200]}: cannot resolve this path ({type(e).__name__}: "
+                        f"{getattr(e, 'strerror', None) or e})", where=where) from None
     if not any(real == root or real.is_relative_to(root) for root in roots):
         shown = ", ".join(str(r) for r in roots)
         raise SpecError(f"{value} resolves to {real}, outside the server's model roots ({shown}); put the file "

@@ -141,7 +141,31 @@ def test_the_embedded_ray_admits_what_fits_and_refuses_what_never_will(tmp_path:
 
 
 def test_loaded_models_are_kept_for_a_runner_only_while_a_slot_is_free(store: Store, model_root: Path) -> None:
+    first, second = (submit(store, _spec(model_root, name=n)) for n in ("first", "second"))
     controller = _controller(store, model_root, max_concurrent=1)
-    controller.hand_over(1, object())  # type: ignore[arg-type]
-    controller.hand_over(2, object())  # type: ignore[arg-type]
-    assert list(controller._prepared) == [1]
+    controller.hand_over(first, object())  # type: ignore[arg-type]
+    controller.hand_over(second, object())  # type: ignore[arg-type]
+    assert list(controller._prepared) == [first]
+    controller._drop_stale_models()
+    assert list(controller._prepared) == [first]  # still queued: kept for its runner
+    store.request_cancel(first)  # cancelled while it waited for room: its models go
+    controller._drop_stale_models()
+    assert controller._prepared == {}
+
+
+def test_a_search_cancelled_while_its_experts_are_scored_never_starts(store: Store, model_root: Path) -> None:
+    # the experts alone are scored before the runner starts, with the slow objective: a window of about 1 s
+    search_id = submit(store, _spec(model_root, budget=8, pause={"seconds": 0.5}))
+    with _running(store, model_root) as controller:
+        deadline = time.monotonic() + 60
+        while search_id not in controller.running_ids() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert store.get_search(search_id).status == "queued"  # still scoring the experts
+        assert store.request_cancel(search_id) == "cancelled"
+        while search_id in controller.running_ids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert search_id not in controller.running_ids()
+    row = store.get_search(search_id)
+    assert row.status == "cancelled" and row.counts["total"] == 0
+    assert not store.events(search_id, kind="started")

@@ -65,6 +65,12 @@ def test_spec_paths_resolve_inside_the_model_roots_and_nowhere_else(tmp_path: Pa
         with pytest.raises(SpecError, match="outside the server's model roots") as info:
             resolve_in_roots(escape, roots, "models.experts.0.path")
         assert info.value.where == "models.experts.0.path"
+    # names no file system holds are the user's mistake too, not a server error
+    (first / "loop").symlink_to(first / "loop")
+    for odd, why in (("digits/ba\0se", "NUL"), ("a" * 5000, "cannot resolve"), ("loop", "cannot resolve")):
+        with pytest.raises(SpecError, match=why) as info:
+            resolve_in_roots(odd, roots, "objectives.acc.task.data")
+        assert info.value.where == "objectives.acc.task.data"
 
 
 def test_confine_rewrites_every_path_and_refuses_python_objectives_unless_allowed(tmp_path: Path) -> None:
@@ -88,7 +94,7 @@ def test_confine_rewrites_every_path_and_refuses_python_objectives_unless_allowe
 def test_an_app_without_tokens_answers_on_loopback_and_still_refuses_python_scorers(tmp_path: Path) -> None:
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", model_roots=(tmp_path,),
                         executor="inline")
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:
         assert client.get("/api/v1/searches").json()["total"] == 0  # no token needed
         assert client.get("/").status_code == 200 and client.get("/login", follow_redirects=False).status_code == 303
         refused = client.post("/api/v1/searches", json=digits_spec(pause={"seconds": 0}))
@@ -99,6 +105,57 @@ def test_an_app_without_tokens_answers_on_loopback_and_still_refuses_python_scor
         assert client.get("/api/v1/searches/0").status_code == 422
         assert client.get(f"/api/v1/searches/{2**63}").status_code == 422
         assert client.get("/api/v1/searches", params={"status": "sleeping"}).json()["field"] == "status"
+
+
+def test_browsers_cannot_be_turned_against_the_server(tmp_path: Path) -> None:
+    """DNS rebinding (a foreign Host) against a server without tokens, and cross-origin POSTs against any."""
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", model_roots=(tmp_path,),
+                        executor="inline")
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:
+        for host in ("127.0.0.1:8000", "localhost:8000", "[::1]:8000", "LOCALHOST"):
+            assert client.get("/api/v1/searches", headers={"Host": host}).status_code == 200, host
+        for host in ("rebind.attacker.example:8000", "127.0.0.1.nip.io:8000", "0.0.0.0:8000"):
+            refused = client.get("/api/v1/searches", headers={"Host": host})
+            assert refused.status_code == 421 and refused.json()["field"] == "Host", host
+            assert "EVOMERGE_API_TOKENS" in refused.json()["detail"]
+        for origin in ("http://evil.example", "http://127.0.0.1:9999", "null", "http://localhost:8000"):
+            forged = client.post("/api/v1/searches/1/cancel", headers={"Origin": origin})
+            assert forged.status_code == 403 and forged.json()["field"] == "Origin", origin
+        # the dashboard's own page (same origin) and programs (no Origin) pass: 404, there is no search 1
+        assert client.post("/api/v1/searches/1/cancel", headers={"Origin": "http://127.0.0.1:8000"}).status_code == 404
+        assert client.post("/api/v1/searches/1/cancel").status_code == 404
+        assert client.get("/api/v1/searches", headers={"Origin": "http://evil.example"}).status_code == 200  # reads
+    tokened = Settings(database_url=f"sqlite:///{tmp_path / 'db2.sqlite'}", model_roots=(tmp_path,),
+                       executor="inline", tokens=("secret-token-1",), host="0.0.0.0")
+    with TestClient(create_app(tokened), base_url="http://evomerge.example.org") as client:
+        headers = {"Authorization": "Bearer secret-token-1"}
+        assert client.get("/api/v1/searches", headers=headers).status_code == 200  # any host name with tokens
+        # behind a proxy that rewrites Host, X-Forwarded-Host names what the browser sent to
+        proxied = {**headers, "Host": "upstream:8000", "X-Forwarded-Host": "evomerge.example.org",
+                   "Origin": "https://evomerge.example.org"}
+        assert client.post("/api/v1/searches/1/cancel", headers=proxied).status_code == 404
+        assert client.post("/api/v1/searches/1/cancel",
+                           headers={**headers, "Origin": "https://evomerge.example.org:8443"}).status_code == 403
+
+
+def test_an_unexpected_error_is_one_logged_traceback_and_a_json_500(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", model_roots=(tmp_path,),
+                        executor="inline")
+    app = create_app(settings)
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("a bug")
+
+    with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=True) as client:
+        for _ in range(2):  # the app answers instead of raising, so the connection would stay usable
+            response = client.get("/boom")
+            assert response.status_code == 500
+            assert response.json() == {"detail": "internal error; the server log has the details", "field": None}
+        assert client.get("/healthz").status_code == 200
+    failures = [r for r in caplog.records if r.getMessage() == "GET /boom failed"]
+    assert len(failures) == 2 and all(r.exc_info and r.exc_info[0] is RuntimeError for r in failures)
 
 
 def test_serve_refuses_to_listen_beyond_loopback_without_tokens(tmp_path: Path) -> None:

@@ -25,10 +25,14 @@ if TYPE_CHECKING:
 STATE_FORMAT = 1
 
 
+MAX_POPULATION = 100_000  # sizes an optimizer allocates for (populations, batches, archives): a typo of 10**12 must
+# be a clear error, not a server out of memory
+
+
 class OptimizerOptions(BaseModel):
     """Base of every optimizer's ``Options``: unknown keys are errors (a typo must not be ignored)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from typing import Any, Iterator, Literal, Mapping
 import numpy as np
 from pydantic import Field, field_validator
 
-from evomerge.search.optimizers.base import Generation, Optimizer, OptimizerOptions, register
+from evomerge.search.optimizers.base import MAX_POPULATION, Generation, Optimizer, OptimizerOptions, register
 from evomerge.search.problem import Problem, losses_with_failures_last
 from evomerge.search.state import decode_pickle, encode_pickle
 
@@ -65,7 +65,8 @@ class _Normal:
 
 
 class CMAESOptions(OptimizerOptions):
-    popsize: int | None = Field(default=None, ge=2, description="Samples per generation (λ); None = 4 + ⌊3 ln n⌋.")
+    popsize: int | None = Field(default=None, ge=2, le=MAX_POPULATION,
+                                description="Samples per generation (λ); None = 4 + ⌊3 ln n⌋.")
     sigma0: float = Field(default=1 / 6, gt=0, le=1, description="Initial step size as a fraction of each "
                           "coordinate's range (the genome is searched in the unit box).")
     diagonal: bool | Literal["auto"] = Field(default="auto", description="Separable CMA-ES (cma's CMA_diagonal): "

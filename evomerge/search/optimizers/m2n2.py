@@ -51,7 +51,7 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 from pydantic import Field as PydanticField, model_validator
 
-from evomerge.search.optimizers.base import Candidate, Optimizer, OptimizerOptions, register
+from evomerge.search.optimizers.base import MAX_POPULATION, Candidate, Optimizer, OptimizerOptions, register
 from evomerge.search.problem import Problem, as_values
 from evomerge.search.spaces.fields import (Field, FieldsSpace, WeightsSpace, cosine, crossover_fields,
                                            crossover_weights, field_dot)
@@ -62,7 +62,7 @@ STATE_FORMAT = 2  # 2: each genome stored once, shared by the members and the fr
 
 
 class M2N2Options(OptimizerOptions):
-    archive_size: int = PydanticField(default=20, ge=2, description="Members kept (P in the paper).")
+    archive_size: int = PydanticField(default=20, ge=2, le=MAX_POPULATION, description="Members kept (P in the paper).")
     alpha: float = PydanticField(default=1.0, ge=0, description="Competition strength: z_j^α divides the scores.")
     attraction: bool = PydanticField(default=True, description="Parent 2 by attraction (false: ∝ fitness).")
     split_point: bool = PydanticField(default=True, description="Split-point crossover (false: one ratio).")
@@ -72,7 +72,8 @@ class M2N2Options(OptimizerOptions):
     mutation_sigma: float = PydanticField(default=0.0, ge=0, description="Gaussian mutation σ (weights space only; "
                                           "the paper uses 0.01 from scratch).")
     init_std: float = PydanticField(default=0.01, gt=0, description="weights space: random seeds ~ N(0, init_std²).")
-    scratch_seeds: int = PydanticField(default=2, ge=1, description="weights space: how many random seeds.")
+    scratch_seeds: int = PydanticField(default=2, ge=1, le=MAX_POPULATION,
+                                       description="weights space: how many random seeds.")
 
     @model_validator(mode="after")
     def _check(self) -> "M2N2Options":

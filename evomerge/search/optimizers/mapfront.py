@@ -66,7 +66,9 @@ import numpy as np
 from pydantic import Field
 
 from evomerge.errors import UserError
-from evomerge.search.optimizers.base import Generation, Optimizer, OptimizerOptions, genome_key, register
+from evomerge.search.optimizers.base import (
+    MAX_POPULATION, Generation, Optimizer, OptimizerOptions, genome_key, register,
+)
 from evomerge.search.pareto import non_dominated
 from evomerge.search.problem import Problem, signs
 from evomerge.search.state import decode_array, decode_generator, encode_array, encode_generator
@@ -78,20 +80,23 @@ Phase = Literal["singles", "design", "bayesian", "front", "finished"]
 
 
 class MAPOptions(OptimizerOptions):
-    initial_points: int | None = Field(default=None, ge=2, description="Design size per (sub-)problem of k "
+    initial_points: int | None = Field(default=None, ge=2, le=MAX_POPULATION,
+                                       description="Design size per (sub-)problem of k "
                                        "coefficients, one-hot vectors included; at least (k+1)(k+2)/2 + 1 (the "
                                        "quadratic's parameters + 1); None = (k+1)(k+2), the paper's.")
     design: Literal["sobol", "lhs"] = Field(default="sobol", description="Space-filling design beside the one-hot "
                                             "vectors: scrambled Sobol' or Latin hypercube (scipy.stats.qmc, seeded).")
-    front_size: int = Field(default=16, ge=1, description="Points of the predicted front evaluated for real (per "
+    front_size: int = Field(default=16, ge=1, le=MAX_POPULATION,
+                            description="Points of the predicted front evaluated for real (per "
                             "pair when nested), spread over the front.")
     front_selection: Literal["hypervolume", "spread"] = Field(
         default="hypervolume", description="How front points are picked from the predicted front: greedily by "
         "predicted hypervolume gain over the points evaluated so far, or spread evenly over it.")
     front_rounds: int = Field(default=1, ge=1, description="Fit, NSGA-III and evaluate the front this many times; "
                               "each later round refits on every point so far (1 = the paper's MAP).")
-    pop_size: int = Field(default=100, ge=8, description="NSGA-III population on the surrogates.")
-    generations: int = Field(default=100, ge=1, description="NSGA-III generations on the surrogates.")
+    pop_size: int = Field(default=100, ge=8, le=MAX_POPULATION, description="NSGA-III population on the surrogates.")
+    generations: int = Field(default=100, ge=1, le=MAX_POPULATION,
+                             description="NSGA-III generations on the surrogates.")
     ridge: float = Field(default=1e-6, ge=0, description="Ridge penalty of the surrogate fit (not on the constant).")
     refine: bool = Field(default=True, description="Refine sigmoid/softplus fits on the original scale "
                          "(scipy least_squares) when that lowers the squared error.")

@@ -30,7 +30,7 @@ from pydantic import Field
 from pymoo.core.problem import Problem as PymooProblem
 from pymoo.core.sampling import Sampling
 
-from evomerge.search.optimizers.base import Generation, Optimizer, OptimizerOptions, register
+from evomerge.search.optimizers.base import MAX_POPULATION, Generation, Optimizer, OptimizerOptions, register
 from evomerge.search.pareto import to_minimization
 from evomerge.search.problem import Problem
 from evomerge.search.state import decode_pickle, encode_pickle
@@ -39,9 +39,11 @@ PAPER_POP_SIZE = 100
 
 
 class NSGA2Options(OptimizerOptions):
-    pop_size: int | None = Field(default=None, ge=4, description="Population size; None = 100 (the paper's), "
+    pop_size: int | None = Field(default=None, ge=4, le=MAX_POPULATION,
+                                 description="Population size; None = 100 (the paper's), "
                                  "capped at budget/10 and at least 8.")
-    n_offsprings: int | None = Field(default=None, ge=1, description="Offspring per generation; None = pop_size.")
+    n_offsprings: int | None = Field(default=None, ge=1, le=MAX_POPULATION,
+                                     description="Offspring per generation; None = pop_size.")
     crossover_prob: float = Field(default=0.9, ge=0, le=1, description="SBX probability per mating.")
     crossover_eta: float = Field(default=20.0, gt=0, description="SBX distribution index η_c.")
     mutation_prob: float | None = Field(default=None, gt=0, le=1, description="Polynomial-mutation probability "

@@ -30,7 +30,7 @@ from typing import Any, Literal, Mapping
 import numpy as np
 from pydantic import Field
 
-from evomerge.search.optimizers.base import Optimizer, OptimizerOptions, genome_key, register
+from evomerge.search.optimizers.base import MAX_POPULATION, Optimizer, OptimizerOptions, genome_key, register
 from evomerge.search.problem import Problem
 from evomerge.search.state import decode_array, decode_pickle, encode_array, encode_pickle
 
@@ -43,10 +43,11 @@ class OptunaOptions(OptimizerOptions):
                                "2018) instead of independently.")
     constant_liar: bool = Field(default=False, description="tpe: treat running trials as bad so that parallel "
                                 "asks spread out.")
-    population_size: int = Field(default=50, ge=2, description="nsgaii: population size.")
+    population_size: int = Field(default=50, ge=2, le=MAX_POPULATION, description="nsgaii: population size.")
     scalarize: bool = Field(default=False, description="Tell one score (the problem's scalarization) instead of "
                             "every objective.")
-    batch: int = Field(default=1, ge=1, description="Genomes returned by ask() when no number is given.")
+    batch: int = Field(default=1, ge=1, le=MAX_POPULATION,
+                       description="Genomes returned by ask() when no number is given.")
 
 
 @register("optuna")

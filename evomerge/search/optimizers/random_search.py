@@ -12,13 +12,14 @@ from typing import Any, Mapping
 import numpy as np
 from pydantic import Field
 
-from evomerge.search.optimizers.base import Optimizer, OptimizerOptions, register
+from evomerge.search.optimizers.base import MAX_POPULATION, Optimizer, OptimizerOptions, register
 from evomerge.search.problem import Problem
 from evomerge.search.state import decode_generator, encode_generator
 
 
 class RandomSearchOptions(OptimizerOptions):
-    batch: int = Field(default=8, ge=1, description="Genomes returned by ask() when no number is given.")
+    batch: int = Field(default=8, ge=1, le=MAX_POPULATION,
+                       description="Genomes returned by ask() when no number is given.")
 
 
 @register("random")
