@@ -244,6 +244,10 @@ def _index_from_weight_map(index: Path, pickles: dict[Path, dict[str, torch.Tens
                               "scanned", where=where)
     files: dict[str, Path] = {}
     for shard in dict.fromkeys(weight_map.values()):
+        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+            # shards lie beside their index: a path elsewhere would read files outside the model's folder
+            raise CheckpointError(f"{index} names shard {shard!r}, which is not a file name in {index.parent}; "
+                                  "re-download the index or delete it so the shards are scanned", where=where)
         file = index.parent / shard
         if not file.is_file():
             raise CheckpointError(f"{index} names shard {shard}, which is missing from {index.parent}; "

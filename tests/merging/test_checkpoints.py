@@ -98,6 +98,20 @@ def test_sharded_safetensors_with_index_follows_weight_map(tmp_path: Path) -> No
     assert_same(ckpt, state, ordered=True)
 
 
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/model.safetensors", "..", ""])
+def test_an_index_naming_a_shard_outside_its_folder_is_refused(tmp_path: Path, shard: str) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    write_sharded(folder, tiny_state(), suffix=".safetensors", index=True)
+    save_file(tiny_state(), tmp_path / "outside.safetensors")
+    index = folder / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"]["embed.weight"] = shard
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="is not a file name in"):
+        open_checkpoint(folder)
+
+
 def test_sharded_safetensors_without_index_scans_the_shards(tmp_path: Path) -> None:
     state = tiny_state()
     write_sharded(tmp_path, state, suffix=".safetensors", index=False)
