@@ -21,12 +21,12 @@ from evomerge.service.auth import require_token
 from evomerge.service.results import MAX_ID, Scoring, Summary, finite, finite_values
 from evomerge.service.schemas import (CandidateBrief, CandidateOut, CandidatePage, ErrorOut, FrontOut, SearchBrief,
                                       SearchCreated, SearchOut, SearchPage, StatusOut)
-from evomerge.spec import JobSpec
+from evomerge.spec import MAX_EVALUATIONS, JobSpec
 from evomerge.storage.models import FINISHED_STATUSES
 from evomerge.storage.repository import CandidateRow, SearchRow
 
 PREFIX = "/api/v1"
-MAX_CANDIDATE_ID = 2**31 - 1  # candidate indices are SQL INTEGER
+MAX_CANDIDATE_ID = MAX_EVALUATIONS  # candidate indices are SQL INTEGER
 EVENT_POLL_S = 0.5  # the event stream reads the database this often
 CHECK_WAIT_S = 60.0  # a submission waits this long for its turn to load and check its models
 KEEPALIVE_S = 15.0  # and sends a comment line at least this often, so proxies keep the connection
@@ -82,8 +82,9 @@ def search_document(summary: Summary) -> dict[str, Any]:
     document["scalarize"] = summary.scoring.scalarize
     document["spec"] = summary.row.spec
     # new dicts: the summary (and its references) is shared by every request through the cache
-    document["references"] = [{**r, "values": finite_values(r.get("values")), "holdout": finite_values(r.get("holdout")),
-                               "score": finite(r.get("score"))} for r in document["references"]]
+    document["references"] = [{**r, "values": finite_values(r.get("values")),
+                               "holdout": finite_values(r.get("holdout")), "score": finite(r.get("score"))}
+                              for r in document["references"]]
     return document
 
 
@@ -234,10 +235,8 @@ def list_candidates(request: Request, search_id: int = SearchId,
             "limit": limit, "offset": offset}
 
 
-def _candidate(request: Request, search_id: int, candidate_id: int, *, per_example: bool = False,
-               search: SearchRow | None = None) -> CandidateRow:
-    if search is None:
-        _search(request, search_id)
+def _candidate(request: Request, search_id: int, candidate_id: int, *, per_example: bool = False) -> CandidateRow:
+    """A candidate of a search the caller has found (:func:`_search`), or 404."""
     row = _store(request).candidate(search_id, candidate_id, with_per_example=per_example)
     if row is None:
         raise HTTPException(404, f"search {search_id} has no candidate {candidate_id}")
@@ -251,7 +250,7 @@ def get_candidate(request: Request, search_id: int = SearchId, candidate_id: int
                   ) -> dict[str, Any]:
     """One candidate: genome, recipe, scores, holdout scores, timings, worker, error."""
     search = _search(request, search_id)
-    row = _candidate(request, search_id, candidate_id, per_example=True, search=search)
+    row = _candidate(request, search_id, candidate_id, per_example=True)
     scoring = Scoring.of(search.spec)
     out = _candidate_brief(row, _scores(scoring, [row])[0])
     out.update({"search_id": search_id, "genome": [float(g) for g in row.genome],
@@ -305,6 +304,7 @@ _recipe_doc = {200: {"content": {"application/yaml": {"schema": {"type": "object
 def candidate_recipe(request: Request, search_id: int = SearchId, candidate_id: int = CandidateId,
                      format: Literal["mergekit", "json"] = Format) -> PlainTextResponse:
     """Download a candidate's recipe: mergekit YAML (``mergekit-yaml recipe.yml out/``) or our JSON."""
+    _search(request, search_id)
     return _recipe_response(search_id, _candidate(request, search_id, candidate_id), format)
 
 
@@ -315,7 +315,7 @@ def best_recipe(request: Request, search_id: int = SearchId,
     summary = _summary(request, search_id)
     if summary.best is None:
         raise HTTPException(409, f"search {search_id} has no successful candidate yet")
-    return _recipe_response(search_id, _candidate(request, search_id, summary.best.index, search=summary.row), format)
+    return _recipe_response(search_id, _candidate(request, search_id, summary.best.index), format)
 
 
 # -------------------------------------------------------------------------------------------------- events

@@ -31,7 +31,7 @@ from starlette.routing import Match
 
 from evomerge import __version__
 from evomerge.errors import UserError, first_error
-from evomerge.service.guards import CatchAll, LoopbackHosts, SameOrigin
+from evomerge.service.guards import CatchAll, LoopbackHosts, SameOrigin, error_response, header
 from evomerge.service.results import SummaryCache
 from evomerge.service.schemas import HealthOut
 from evomerge.service.settings import Settings
@@ -59,10 +59,6 @@ def _status_of(error: UserError) -> int:
     return 422
 
 
-def _error(status: int, detail: str, field: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail, "field": field}, status_code=status, headers=headers)
-
-
 class BodyLimit:
     """Refuse request bodies over ``max_bytes`` with 413, whether announced (Content-Length) or streamed.
 
@@ -78,17 +74,15 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = _error(413, f"the request body is larger than this server accepts ({self.max_bytes} bytes; "
-                                "EVOMERGE_MAX_BODY_BYTES)")
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    announced = int(value)
-                except ValueError:
-                    announced = 0
-                if announced > self.max_bytes:
-                    await too_large(scope, receive, send)
-                    return
+        too_large = error_response(413, f"the request body is larger than this server accepts "
+                                        f"({self.max_bytes} bytes; EVOMERGE_MAX_BODY_BYTES)")
+        try:
+            announced = int(header(scope, b"content-length") or 0)
+        except ValueError:
+            announced = 0
+        if announced > self.max_bytes:
+            await too_large(scope, receive, send)
+            return
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -191,28 +185,28 @@ def create_app(settings: Settings | None = None, *, executor_factory: Callable[[
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, error: UserError) -> JSONResponse:
-        return _error(_status_of(error), str(error), error.where)
+        return error_response(_status_of(error), str(error), error.where)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0] if error.errors() else {}
         if first.get("type") == "json_invalid":
             why = (first.get("ctx") or {}).get("error")
-            return _error(422, "the body is not valid JSON" + (f" ({why})" if why else "") + "; send the job spec "
-                          "as a JSON object")
+            return error_response(422, "the body is not valid JSON" + (f" ({why})" if why else "")
+                                  + "; send the job spec as a JSON object")
         field, message = first_error(error)
         parts = field.split(".")
         if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
             parts = parts[1:]
         field = ".".join(parts) or None
-        return _error(422, f"{field}: {message}" if field else message, field)
+        return error_response(422, f"{field}: {message}" if field else message, field)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         headers = dict(getattr(error, "headers", None) or {})
         if error.status_code == 405:  # every method of the path (Starlette names only the first route's)
             headers["Allow"] = ", ".join(allowed_methods(request.app, request.scope))
-        return _error(error.status_code, str(error.detail), headers=headers or None)
+        return error_response(error.status_code, str(error.detail), headers=headers or None)
 
     app.include_router(api.router)
     app.include_router(dashboard.router)

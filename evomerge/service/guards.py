@@ -20,17 +20,21 @@ from urllib.parse import urlsplit
 
 from fastapi.responses import JSONResponse
 
+from evomerge.service.settings import LOOPBACK_HOSTS
+
 log = logging.getLogger("evomerge.service")
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
-def _json(status: int, detail: str, field: str | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail, "field": field}, status_code=status)
+def error_response(status: int, detail: str, field: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """The server's one error shape: ``{"detail": ..., "field": ...}``."""
+    return JSONResponse({"detail": detail, "field": field}, status_code=status, headers=headers)
 
 
-def _header(scope: dict, name: bytes) -> str | None:
+def header(scope: dict, name: bytes) -> str | None:
+    """The first value of request header ``name`` (lower case bytes) in an ASGI ``scope``."""
     for key, value in scope.get("headers", []):
         if key == name:
             return value.decode("latin-1")
@@ -56,8 +60,8 @@ class LoopbackHosts:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and host_name(_header(scope, b"host")) not in LOOPBACK_NAMES:
-            response = _json(421, "this server has no API tokens, so it answers only requests addressed to "
+        if scope["type"] == "http" and host_name(header(scope, b"host")) not in LOOPBACK_HOSTS:
+            response = error_response(421, "this server has no API tokens, so it answers only requests addressed to "
                              "127.0.0.1 or localhost; open it by one of those names, or give it tokens "
                              "(EVOMERGE_API_TOKENS) to serve other host names", "Host")
             await response(scope, receive, send)
@@ -76,9 +80,9 @@ class SameOrigin:
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "http" and scope.get("method") in UNSAFE_METHODS:
-            origin = _header(scope, b"origin")
+            origin = header(scope, b"origin")
             if origin is not None and not self._same(origin, scope):
-                response = _json(403, f"a request from the web page at {origin[:100]} may not change anything "
+                response = error_response(403, f"a request from the web page at {origin[:100]} may not change anything "
                                  "here; use this server's own dashboard, the CLI or the API", "Origin")
                 await response(scope, receive, send)
                 return
@@ -93,7 +97,7 @@ class SameOrigin:
             return False
         if not parts.hostname:
             return False
-        for sent_to in (_header(scope, b"host"), _header(scope, b"x-forwarded-host")):
+        for sent_to in (header(scope, b"host"), header(scope, b"x-forwarded-host")):
             if not sent_to:
                 continue
             sent_to = sent_to.split(",")[0].strip()
@@ -128,7 +132,7 @@ class CatchAll:
         except Exception:
             log.exception("%s %s failed", scope.get("method"), scope.get("path"))
             if not started:  # otherwise the answer is under way: the server closes it short
-                await _json(500, "internal error; the server log has the details")(scope, receive, send)
+                await error_response(500, "internal error; the server log has the details")(scope, receive, send)
 
 
-__all__ = ["CatchAll", "LoopbackHosts", "SameOrigin", "host_name"]
+__all__ = ["CatchAll", "LoopbackHosts", "SameOrigin", "error_response", "header", "host_name"]

@@ -707,9 +707,7 @@ class Store:
             # One row holding a JSON array, not one row per candidate: Python's sqlite3 releases the GIL around
             # every row it steps, and next to busy threads (a server's runners) each release costs a wait for
             # the GIL — thousands of rows took ~20x longer under load than alone (benchmarks/api_load.py).
-            inner = (
-                select(c.idx, c.objective_values, c.holdout).where(*where).order_by(c.idx).subquery()
-            )
+            inner = select(c.idx, c.objective_values, c.holdout).where(*where).subquery()  # ordered below
             row = func.json_array(inner.c.idx, func.json(inner.c.objective_values), func.json(inner.c.holdout))
             stmt = select(func.json_group_array(row)).select_from(inner)
             with self._read() as session:
