@@ -279,6 +279,8 @@ def main() -> None:
     parser.add_argument("--bed", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "evomerge-m2n2-digits")
     parser.add_argument("--log-every", type=int, default=500)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "m2n2_digits.json")
+    parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "img" / "m2n2_digits.png",
+                        help="The learning curves' PNG (docs/benchmarks.md shows it).")
     parser.add_argument("--merge", action="store_true", help="Keep the rows of --out that are not rerun.")
     parser.add_argument("--no-timing", action="store_true", help="Skip the single-process timing.")
     args = parser.parse_args()
@@ -339,7 +341,8 @@ def main() -> None:
     for line in comparisons.values():
         print(line)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    png = args.out.with_suffix(".png")
+    png = args.figure
+    png.parent.mkdir(parents=True, exist_ok=True)
     try:
         plot(results, png)
     except ImportError:

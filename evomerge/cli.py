@@ -79,7 +79,10 @@ def materialize(
 ) -> None:
     """Write the merged model a recipe describes."""
     # Everything that needs no model is checked first, so a typo does not cost a model load.
+    import math
+
     from evomerge.merging import materialize as write
+    from evomerge.merging.checkpoints import open_checkpoint
     from evomerge.merging.materialize import check_out_dir
     from evomerge.merging.modelset import load_for
 
@@ -98,8 +101,9 @@ def materialize(
                     on_tensor=lambda _n: progress.advance(merging), on_bytes=lambda _n: progress.advance(writing))
     weights = [f for f in out.iterdir() if f.suffix == ".safetensors"]
     size = sum(f.stat().st_size for f in weights)
+    written = sum(math.prod(info.shape) for info in open_checkpoint(out).infos.values())  # a layer path adds some
     console.print(f"wrote {escape(str(out.resolve()))}: {_format_size(size)} in {len(weights)} safetensors "
-                  f"file{'s' if len(weights) != 1 else ''} ({parsed.merge_method}, {ms.num_params():,} parameters)",
+                  f"file{'s' if len(weights) != 1 else ''} ({parsed.merge_method}, {written:,} parameters)",
                   highlight=False)
 
 
@@ -265,7 +269,7 @@ def _check_beds(spec: Any) -> None:
     if base.exists():
         return
     for parent in base.parents:
-        if parent.parent.name == "testbeds" and parent.name in _BEDS:
+        if parent.parent.name == "testbeds" and parent.name in _BEDS and not parent.exists():
             raise UserError(f"{base} does not exist: build the {parent.name} test bed first with `evomerge testbed "
                             f"build {parent.name} {parent}`", where="models.base")
 

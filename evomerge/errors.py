@@ -45,15 +45,19 @@ def yaml_problem(error: Any) -> str:
     return f"malformed YAML{line}: {getattr(error, 'problem', None) or error}"
 
 
-def first_error(error: Any) -> tuple[str, str]:
+def first_error(error: Any, model: Any = None) -> tuple[str, str]:
     """The first problem of a pydantic ``ValidationError``, as (dotted field, what is wrong and how to fix it).
 
     A model validator reports a sub-field by starting its message with it (``"search.x: ..."``); that prefix
-    joins the location, so ``where`` always names the innermost field.
+    joins the location, so ``where`` always names the innermost field. Given the ``model`` that was validated, an
+    unknown key says which keys that level takes, and the closest one when it looks like a typo.
     """
     first = error.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "union[", "list[")))
+    parts = [p for p in first["loc"] if not str(p).startswith(("function-", "union[", "list["))]
+    loc = ".".join(str(p) for p in parts)
     msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden" and parts:
+        msg = unknown_key(str(parts[-1]), fields_at(model, parts[:-1]))
     match = re.match(r"^([A-Za-z_][\w.]*): ", msg)
     if match:
         loc = f"{loc}.{match[1]}" if loc else match[1]
@@ -61,3 +65,40 @@ def first_error(error: Any) -> tuple[str, str]:
     if first["type"] == "tuple_type" or (first["type"] == "too_short" and "tuple" in str(first.get("ctx", ""))):
         msg += "; write [low, high]"
     return loc, msg
+
+
+def unknown_key(key: str, known: list[str] | None) -> str:
+    """``unknown field 'layer_group'; did you mean 'layer_groups'? (known: kind, method, …)``."""
+    import difflib
+
+    if not known:
+        return f"unknown field {key!r}; remove it"
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown field {key!r}{hint} (known: {', '.join(known)})"
+
+
+def fields_at(model: Any, loc: list[Any]) -> list[str] | None:
+    """The field names of the pydantic model found by following ``loc`` from ``model``; None when unknown."""
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    def model_in(annotation: Any) -> Any:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return annotation
+        for arg in get_args(annotation):
+            found = model_in(arg)
+            if found is not None:
+                return found
+        return None
+
+    current = model_in(model)
+    for part in loc:
+        if current is None:
+            return None
+        if isinstance(part, int):
+            continue  # an index into a list of models
+        field = current.model_fields.get(part)
+        current = model_in(field.annotation) if field is not None else None
+    return list(current.model_fields) if current is not None else None

@@ -52,8 +52,10 @@ class _Strict(BaseModel):
 class ExpertSpec(_Strict):
     """One fine-tuned model: a short name (used in recipes and reports) and where its weights are."""
 
-    name: str = Field(json_schema_extra={"pattern": _NAME.pattern, "not": {"enum": sorted(_RESERVED)}})
-    path: str
+    name: str = Field(json_schema_extra={"pattern": _NAME.pattern, "not": {"enum": sorted(_RESERVED)}},
+                      description="How recipes, reports and the dashboard call the expert: letters, digits, `_`, "
+                      "`-`, `.`, at most 64 characters; not `base` or `merged`.")
+    path: str = Field(description="An HF folder, a .safetensors file, or a folder of them (sharded with an index).")
 
     @field_validator("name")
     @classmethod
@@ -68,9 +70,11 @@ class ExpertSpec(_Strict):
 class ModelsSpec(_Strict):
     """The base and its experts (HF directories, .safetensors files, or folders of them)."""
 
-    base: str
-    experts: list[ExpertSpec] = Field(min_length=1)
-    dtype: str | None = Field(default=None, description="Round weights to this dtype on load, as mergekit does.")
+    base: str = Field(description="The model the experts were fine-tuned from (called `base` in recipes).")
+    experts: list[ExpertSpec] = Field(min_length=1, description="The fine-tuned models. Short forms: a list of "
+                                      "paths (each named by its folder) or a mapping `{name: path}`.")
+    dtype: str | None = Field(default=None, description="Round weights to this dtype on load, as mergekit's "
+                              "`dtype` does (e.g. bfloat16).")
 
     @field_validator("experts", mode="before")
     @classmethod
@@ -119,20 +123,27 @@ class SpaceSpec(_Strict):
     ``include_base``) held as coefficient fields, or full weight vectors evolved from random models.
     """
 
-    kind: SpaceKind = "parameter"
-    method: str = "task_arithmetic"
-    layer_groups: int = Field(default=1, ge=1, description="1 = one value per expert; N = per group of layers.")
+    kind: SpaceKind = Field(default="parameter", description="`parameter` (PS), `dataflow` (DFS), `hybrid`, "
+                            "`coefficients` (MAP), or M2N2's `fields` and `weights`.")
+    method: str = Field(default="task_arithmetic", description="A merge method of `evomerge.merging.METHODS`.")
+    layer_groups: int = Field(default=1, ge=1, description="1 = one value per expert; N = one per group of "
+                              "consecutive layers, written as a per-layer list (a mergekit gradient).")
     filters: list[str] | None = Field(default=None, description="Split each value by tensor-name filter "
                                       "(e.g. [self_attn, mlp]), as mergekit-evolve does.")
     non_layer: Literal["first_group", "own"] = Field(
         default="first_group", description="Tensors outside the layers (embeddings, final norm, head): the first "
         "layer group's values (mergekit's t = 0), or values of their own per expert.")
     search: dict[str, tuple[float, float]] | None = Field(
-        default=None, description="Parameter -> [low, high]; omitted = the method's searchable parameters.")
-    fixed: dict[str, Any] = Field(default_factory=dict, description="Parameters held constant.")
-    repeats: int = Field(default=2, ge=1, le=8, description="DFS: how often the layer sequence is repeated (r).")
-    max_path_length: int | None = Field(default=None, ge=1, description="DFS: at most this many layers.")
-    scale_bounds: tuple[float, float] = Field(default=(0.5, 1.5), description="DFS: bounds of the input scales.")
+        default=None, description="Parameter -> [low, high], inside the parameter's valid range; omitted = the "
+        "method's declared search intervals. A required parameter must be searched or fixed.")
+    fixed: dict[str, Any] = Field(default_factory=dict, description="Parameters held constant, checked against "
+                                  "the method.")
+    repeats: int = Field(default=2, ge=1, le=8, description="DFS: how often the sequence of all models' layers is "
+                         "repeated (r).")
+    max_path_length: int | None = Field(default=None, ge=1, description="DFS: at most this many layers in a path; "
+                                        "None = M·L (M models of L layers each).")
+    scale_bounds: tuple[float, float] = Field(default=(0.5, 1.5), description="DFS: bounds of the input scales "
+                                              "(the paper's W); low = high turns scaling off.")
     include_base: bool = Field(default=False, description="DFS/hybrid: the base's layers are path sources too; "
                                "fields: the base is a seed too.")
 
@@ -256,14 +267,16 @@ class TaskSpec(_Strict):
     ``text``/``label`` for text classification). Column names can be changed with ``input``/``target``/``choices``.
     """
 
-    kind: TaskKind
-    data: str | None = None
-    holdout: str | None = None
+    kind: TaskKind = Field(description="What is scored; it sets the data format, the metric and its direction.")
+    data: str | None = Field(default=None, description="JSONL, CSV or .npz; drives the search (required except "
+                             "for lm_eval, python and the cost kinds).")
+    holdout: str | None = Field(default=None, description="Same format; scored only for the front and the best, "
+                                "shown beside the search score, never told to the optimizer.")
     input: str | None = Field(default=None, description="Input column/array (default x, text or prompt).")
     target: str | None = Field(default=None, description="Target column/array (default y, label or answer).")
     choices: str = Field(default="choices", description="multiple_choice: the column listing the choices.")
     limit: int | None = Field(default=None, ge=1, description="Score only the first N examples.")
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=64, ge=1, description="Examples per forward pass.")
     max_length: int | None = Field(default=None, ge=1, description="Truncate inputs to this many tokens.")
     max_new_tokens: int = Field(default=32, ge=1, description="exact_match: tokens generated at most.")
     stop: list[str] = Field(default_factory=lambda: ["\n"], description="exact_match: generation stops here.")
@@ -284,6 +297,10 @@ class TaskSpec(_Strict):
         if self.kind == "lm_eval":
             if not self.task:
                 raise ValueError("task: an lm_eval objective names its lm-eval-harness task (task: my_task)")
+            for key in ("data", "holdout"):
+                if getattr(self, key):
+                    raise ValueError(f"{key}: an lm_eval objective reads the data set its task names and has no "
+                                     f"holdout split; remove `{key}` (a local task's YAML names its data files)")
             return self
         if self.kind == "python":
             if not self.function or ":" not in self.function:
@@ -302,10 +319,13 @@ class TaskSpec(_Strict):
 class ObjectiveSpec(_Strict):
     """A task with a name, a metric and a direction (lower is better for losses and costs)."""
 
-    name: str = Field(json_schema_extra={"pattern": _NAME.pattern})
-    task: TaskSpec
-    metric: str | None = None
-    direction: Literal["maximize", "minimize"] | None = None
+    name: str = Field(json_schema_extra={"pattern": _NAME.pattern}, description="Names the objective in "
+                      "reports, recipes' scores, `front` and the API: letters, digits, `_`, `-`, `.`.")
+    task: TaskSpec = Field(description="What is scored and on which data.")
+    metric: str | None = Field(default=None, description="The metric the task reports; None = the kind's default "
+                               "(accuracy, acc_norm, exact_match, nll, acc, score, num_layers, num_params).")
+    direction: Literal["maximize", "minimize"] | None = Field(default=None, description="None = the metric's "
+                                                              "(minimize for nll and the costs).")
     weight: float = Field(default=1.0, gt=0, description="Weight under `scalarize: weighted`.")
 
     @field_validator("name")
@@ -338,9 +358,12 @@ class ObjectiveSpec(_Strict):
 class AlgorithmSpec(_Strict):
     """The optimizer, its options (validated by the optimizer's own declaration) and how objectives combine."""
 
-    name: str = "cmaes"
-    options: dict[str, Any] = Field(default_factory=dict)
-    scalarize: Literal["mean", "weighted", "min"] = "mean"
+    name: str = Field(default="cmaes", description="cmaes, nsga2, optuna, random, m2n2 or map.")
+    options: dict[str, Any] = Field(default_factory=dict, description="The optimizer's options (see below); an "
+                                    "unknown key is an error.")
+    scalarize: Literal["mean", "weighted", "min"] = Field(
+        default="mean", description="How single-objective optimizers combine objectives (minimized ones negated "
+        "first): their mean, their mean weighted by `weight`, or the worst.")
 
     @model_validator(mode="after")
     def _check(self) -> "AlgorithmSpec":
@@ -352,21 +375,26 @@ class AlgorithmSpec(_Strict):
         try:
             self.options = optimizer.Options.model_validate(self.options).model_dump()
         except ValidationError as e:
-            field, message = first_error(e)
+            field, message = first_error(e, optimizer.Options)
             raise ValueError(f"options.{field}: {message}" if field else f"options: {message}") from None
         return self
 
 
 class BudgetSpec(_Strict):
+    """When a search stops: after this many candidates, or this much time, whichever comes first."""
+
     evaluations: int = Field(default=100, ge=1, le=MAX_EVALUATIONS,
                              description="Candidates the optimizer is told at most; an identical recipe is scored once and its repeats copy the scores but still count.")
     wall_time_s: float | None = Field(default=None, gt=0, description="Stop after this many seconds.")
 
 
 class ResourcesSpec(_Strict):
-    workers: int = Field(default=1, ge=1)
-    gpus_per_worker: float = Field(default=0, ge=0)
-    cpus_per_worker: float = Field(default=1, gt=0)
+    """The Ray evaluator actors: how many, and what each asks Ray for."""
+
+    workers: int = Field(default=1, ge=1, description="Evaluator actors; each loads the models once.")
+    gpus_per_worker: float = Field(default=0, ge=0, description="GPUs per actor (fractions allowed); > 0 puts "
+                                   "actors on GPU nodes and on cuda.")
+    cpus_per_worker: float = Field(default=1, gt=0, description="CPUs per actor (it asks Ray for 0.99 of this).")
     device: str | None = Field(default=None, pattern=r"^(cpu|mps|cuda(:\d+)?)$",
                                description="Override the device (cpu, cuda, cuda:1, mps).")
 
@@ -375,17 +403,18 @@ class ResourcesSpec(_Strict):
 
 
 class JobSpec(_Strict):
-    """A search: models, space, objectives, algorithm, budget and resources (DESIGN.md, "Job spec")."""
+    """A search: the models, how genomes become recipes, what is scored, the optimizer, the budget and the
+    resources. YAML or JSON; also the body of ``POST /api/v1/searches``."""
 
-    version: Literal[1] = SPEC_VERSION
-    name: str = "search"
+    version: Literal[1] = Field(default=SPEC_VERSION, description="The spec format's version.")
+    name: str = Field(default="search", description="Shown in lists, reports and the dashboard.")
     seed: int = Field(default=0, ge=0, lt=2**32, description="Seeds the optimizer and the recipes' random masks.")
-    models: ModelsSpec
-    space: SpaceSpec = Field(default_factory=SpaceSpec)
-    objectives: list[ObjectiveSpec] = Field(min_length=1)
-    algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec)
-    budget: BudgetSpec = Field(default_factory=BudgetSpec)
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    models: ModelsSpec = Field(description="The base and the experts.")
+    space: SpaceSpec = Field(default_factory=SpaceSpec, description="How a genome decodes into a recipe.")
+    objectives: list[ObjectiveSpec] = Field(min_length=1, description="What is scored; two or more make a front.")
+    algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec, description="The optimizer and its options.")
+    budget: BudgetSpec = Field(default_factory=BudgetSpec, description="When the search stops.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Where candidates are scored.")
 
     @model_validator(mode="after")
     def _check(self) -> "JobSpec":
@@ -455,7 +484,7 @@ class JobSpec(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            field, message = first_error(e)
+            field, message = first_error(e, cls)
             raise SpecError(message, where=field, file=where) from None
 
     def with_root(self, root: Path) -> "JobSpec":

@@ -760,6 +760,6 @@ def parse_objective(data: Mapping[str, Any]) -> ObjectiveSpec:
         return ObjectiveSpec.model_validate(dict(data))
     except ValidationError as e:
         # The job spec's reading of pydantic's report, so a bad objective names the same field either way.
-        loc, message = first_error(e)
+        loc, message = first_error(e, ObjectiveSpec)
         name = data.get("name", "?") if isinstance(data, Mapping) else "?"
         raise UserError(message, where=f"objectives.{name}" + (f".{loc}" if loc else "")) from None

@@ -37,8 +37,9 @@ PYTORCH_INDEX = "pytorch_model.bin.index.json"
 _HF_SAFETENSORS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 _HF_PYTORCH = re.compile(r"pytorch_model(-\d{5}-of-\d{5})?\.bin")
 
+# Copied from the base (or tokenizer_source) beside a merged model; generation_config.json too, as mergekit does.
 _TOKENIZER_NAMES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "merges.txt",
-                    "tokenizer.model", "added_tokens.json")
+                    "tokenizer.model", "added_tokens.json", "generation_config.json")
 _TOKENIZER_GLOBS = ("vocab.*", "chat_template.*")
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -125,7 +126,8 @@ class Checkpoint:
                     yield name, f.get_tensor(name)
 
     def tokenizer_files(self) -> list[Path]:
-        """Tokenizer files that sit in an HF directory, to copy beside a merged model; ``[]`` otherwise."""
+        """Tokenizer files (and ``generation_config.json``) that sit in an HF directory, to copy beside a merged
+        model; ``[]`` otherwise."""
         if not self.is_hf_dir:
             return []
         found = {self.path / n for n in _TOKENIZER_NAMES if (self.path / n).is_file()}

@@ -191,5 +191,5 @@ def _validate(data: Any, where: str) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        field, message = first_error(e)
+        field, message = first_error(e, Recipe)
         raise RecipeError(f"{field}: {message}" if field else message, where=where) from None

@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -35,11 +36,19 @@ from evomerge.service.guards import CatchAll, LoopbackHosts, SameOrigin, error_r
 from evomerge.service.results import SummaryCache
 from evomerge.service.schemas import HealthOut
 from evomerge.service.settings import Settings
+from evomerge.spec import JobSpec
 
 log = logging.getLogger("evomerge.service")
 
 FREEZE_EVERY_S = 2.0
 CHECKS_AT_ONCE = 2  # submissions whose models are loaded and checked at the same time (each holds a model set)
+
+
+class _Request(BaseModel):
+    """Where a request's fields live, so an unknown key in a submitted spec lists the keys its level takes."""
+
+    body: JobSpec
+
 
 DESCRIPTION = """Evolutionary search for model-merge recipes.
 
@@ -194,7 +203,7 @@ def create_app(settings: Settings | None = None, *, executor_factory: Callable[[
             why = (first.get("ctx") or {}).get("error")
             return error_response(422, "the body is not valid JSON" + (f" ({why})" if why else "")
                                   + "; send the job spec as a JSON object")
-        field, message = first_error(error)
+        field, message = first_error(error, _Request)
         parts = field.split(".")
         if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
             parts = parts[1:]

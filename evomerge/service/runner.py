@@ -128,11 +128,20 @@ def prepare(spec: JobSpec, *, check_data: bool = True) -> Prepared:
         raise SpecError(e.detail, where=_spec_where(e.where)) from None
     space = space_for(spec, model_set)
     check_stages(spec, model_set, space)
+    check_optimizer(spec, space)
     if check_data:
         evaluator = Evaluator(model_set, spec.objectives, device="cpu")
         evaluator.check("data")
         evaluator.check("holdout")
     return Prepared(spec, model_set, space)
+
+
+def check_optimizer(spec: JobSpec, space: Space) -> None:
+    """Build the first stage's optimizer once and drop it, so options that do not fit this space or budget (a MAP
+    budget below its design, initial points too few for the coefficients) are refused before any row is written,
+    not by a search that starts and fails."""
+    budget = space.stage_budgets(spec.budget.evaluations)[0]
+    build_optimizer(spec, space.stage(1, None), budget)
 
 
 def check_stages(spec: JobSpec, model_set: "ModelSet", space: Space) -> None:

@@ -153,10 +153,20 @@ def make_engine(url: str) -> Engine:
         engine.dispose()
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
         fix = "check that the file and its folder are writable" if engine.dialect.name == "sqlite" else (
-            "start the database server"
+            _server_fix(reason, parsed.database)
         )
         raise UserError(f"cannot connect to {mask_url(parsed)}: {reason}; {fix} or {_FIX}", where="database") from None
     return engine
+
+
+def _server_fix(reason: str, database: str | None) -> str:
+    """What to do when a database server refused the connection, from the server's (or the driver's) reason."""
+    lowered = reason.lower()
+    if "does not exist" in lowered and "database" in lowered:
+        return f"create it (`createdb {database or 'NAME'}`) or name an existing database in the URL"
+    if "authentication failed" in lowered or "password" in lowered or ("role" in lowered and "does not exist" in lowered):
+        return "check the user and password in the URL"
+    return "start the database server, check its host and port"
 
 
 def _json_text(value: Any) -> str:

@@ -125,8 +125,12 @@ def connect_ray(address: str, runtime_env: dict[str, Any] | None = None) -> None
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, namespace="evomerge",
                  **({"runtime_env": runtime_env} if runtime_env else {}))
     except (ConnectionError, ValueError, RuntimeError) as e:
-        raise UserError(f"cannot join the Ray cluster at {address!r}: {str(e).splitlines()[0] if str(e) else e}; "
-                        f"check --ray-address / {ADDRESS_ENV}", where="ray_address") from None
+        # A host:port driver attaches to a Ray node on its own machine: without one, Ray's error reads as if the
+        # cluster were down.
+        node = "" if address.startswith("ray://") else (f"; evomerge must run on a node of the cluster (`ray start "
+                                                         f"--address={address}` on this machine first)")
+        raise UserError(f"cannot join the Ray cluster at {address!r}: {str(e).splitlines()[0] if str(e) else e}"
+                        f"{node}; check --ray-address / {ADDRESS_ENV}", where="ray_address") from None
 
 
 def probe_address(address: str, timeout: float = 5.0) -> None:

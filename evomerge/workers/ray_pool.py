@@ -207,8 +207,8 @@ class RayExecutor(Executor):
         if pending:
             raise UserError(f"the workers were placed but {len(pending)} of {len(loads)} had not loaded the models "
                             f"within {self.load_timeout:g} s; loading is too slow (very large models or a slow "
-                            "disk): put the models on a faster local disk, or give RayExecutor a longer "
-                            "load_timeout", where="models")
+                            "disk): put the models on a faster local disk of every node, or lower "
+                            "resources.workers so fewer workers read at once", where="models")
         for slot in range(self.workers):
             self._advance(slot, first=True)
 
@@ -443,12 +443,12 @@ def check_capacity(resources: ResourcesSpec) -> None:
     total_cpu = sum(n.get("CPU", 0.0) for n in nodes)
     total_gpu = sum(n.get("GPU", 0.0) for n in nodes)
     if total_cpu + 1e-9 < resources.workers * need_cpu:
-        raise UserError(f"the Ray cluster has {total_cpu:g} CPUs and {resources.workers} workers need "
-                        f"{resources.workers * need_cpu:g}; lower resources.workers or cpus_per_worker",
-                        where="resources.workers")
+        raise UserError(f"the Ray cluster has {total_cpu:g} CPUs and {resources.workers} worker(s) need "
+                        f"{resources.workers * need_cpu:g} CPUs ({need_cpu:g} each: 0.99 of cpus_per_worker); lower "
+                        "resources.workers or cpus_per_worker", where="resources.workers")
     if need_gpu and total_gpu + 1e-9 < resources.workers * need_gpu:
-        raise UserError(f"the Ray cluster has {total_gpu:g} GPUs and {resources.workers} workers need "
-                        f"{resources.workers * need_gpu:g}; lower resources.workers or gpus_per_worker, or set "
+        raise UserError(f"the Ray cluster has {total_gpu:g} GPUs and {resources.workers} worker(s) need "
+                        f"{resources.workers * need_gpu:g} GPUs; lower resources.workers or gpus_per_worker, or set "
                         "gpus_per_worker: 0 to run on CPUs", where="resources.gpus_per_worker")
     if not any(n.get("CPU", 0.0) + 1e-9 >= need_cpu and n.get("GPU", 0.0) + 1e-9 >= need_gpu for n in nodes):
         raise UserError(f"no Ray node is big enough for one worker ({describe_resources(resources)}); lower "

@@ -78,11 +78,12 @@ def test_hf_dir_with_one_file_reads_config_and_tokenizer_files(tmp_path: Path) -
     state = tiny_state()
     save_file(state, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 4}))
-    for name in ("tokenizer.json", "vocab.txt", "chat_template.jinja", "README.md"):
+    for name in ("tokenizer.json", "vocab.txt", "chat_template.jinja", "generation_config.json", "README.md"):
         (tmp_path / name).write_text("x")
     ckpt = open_checkpoint(tmp_path)
     assert ckpt.is_hf_dir and ckpt.config == {"model_type": "llama", "hidden_size": 4}
-    assert [p.name for p in ckpt.tokenizer_files()] == ["chat_template.jinja", "tokenizer.json", "vocab.txt"]
+    assert [p.name for p in ckpt.tokenizer_files()] == ["chat_template.jinja", "generation_config.json",
+                                                         "tokenizer.json", "vocab.txt"]
     assert_same(ckpt, state)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from runner_helpers import evomerge, job, snapshot, start, write_spec
-from test_runner import Repeats  # noqa: F401  (registers the "test-repeats" optimizer)
+from test_runner import repeats  # noqa: F401  (the fixture that registers the "test-repeats" optimizer)
 from evomerge.service.results import Scoring, rank_front, summarize
 from evomerge.service.runner import SearchFailedError, run_search, submit
 from evomerge.spec import JobSpec
@@ -133,10 +133,11 @@ def test_a_runner_whose_search_was_taken_over_stops_and_writes_nothing_more(digi
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_resume_after_a_failed_first_copy_reuses_its_failure(digits: Path, db_url: str, tmp_path: Path) -> None:
+def test_resume_after_a_failed_first_copy_reuses_its_failure(digits: Path, db_url: str, tmp_path: Path,
+                                                              repeats: str) -> None:
     """Batches of [start, start, random]: candidate 0 fails, candidate 1 copies its failure. A run that dies
     after 0's result and before 1's copy resumes to the same rows as an uninterrupted run (1 is not scored)."""
-    spec_path = write_spec(tmp_path, "rep", job(digits, algorithm="test-repeats", budget=6, holdout=False,
+    spec_path = write_spec(tmp_path, "rep", job(digits, algorithm=repeats, budget=6, holdout=False,
                                                 pause={"fail_every": 1}))
     spec = JobSpec.load(spec_path)
 

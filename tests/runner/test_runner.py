@@ -48,8 +48,13 @@ class Repeats(Optimizer):
         self.rng.bit_generator.state = state["state"]
 
 
-if "test-repeats" not in OPTIMIZERS:
+@pytest.fixture
+def repeats() -> Any:
+    """``test-repeats`` in the optimizer registry for one test only: the registry is what specs validate against,
+    and what the generated docs and the error messages list."""
     register("test-repeats")(Repeats)
+    yield "test-repeats"
+    OPTIMIZERS.pop("test-repeats", None)
 
 
 class Counting:
@@ -100,8 +105,8 @@ def test_failed_candidates_are_stored_with_their_error_and_the_search_completes(
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_identical_recipes_are_scored_once(digits: Path, db_url: str) -> None:
-    store, sid, (result, counting) = _run(db_url, job(digits, algorithm="test-repeats", budget=9, holdout=False))
+def test_identical_recipes_are_scored_once(digits: Path, db_url: str, repeats: str) -> None:
+    store, sid, (result, counting) = _run(db_url, job(digits, algorithm=repeats, budget=9, holdout=False))
     with store:
         rows = store.candidates(sid)
         assert [r.reused_from for r in rows] == [None, 0, None, 0, 0, None, 0, 0, None]
@@ -244,3 +249,16 @@ def test_a_layer_path_space_on_an_mlp_is_refused_before_the_search(digits: Path)
         with pytest.raises(SpecError, match="layer path") as refused:
             prepare(JobSpec.from_dict(data))
         assert refused.value.where == "space.kind"
+
+
+def test_a_budget_the_optimizer_cannot_work_with_is_refused_before_a_row_is_written(digits: Path) -> None:
+    """MAP needs its design's evaluations: a budget of 5 over 2 coefficients fails at prepare, naming the field."""
+    from evomerge.errors import UserError
+    from evomerge.service.runner import prepare
+
+    data = job(digits, budget=5, holdout=False)
+    data["space"] = {"kind": "coefficients", "method": "task_arithmetic"}
+    data["algorithm"] = {"name": "map"}
+    with pytest.raises(UserError, match="needs at least") as refused:
+        prepare(JobSpec.from_dict(data))
+    assert refused.value.where == "budget.evaluations"

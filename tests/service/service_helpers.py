@@ -45,7 +45,7 @@ class LiveServer:
 
     def __init__(self, workdir: Path, *, db: str, roots: Iterable[Path], tokens: str | None = TOKEN,
                  executor: str = "inline", max_concurrent: int | None = None, allow_python: bool = True,
-                 env: dict[str, str] | None = None) -> None:
+                 ray_address: str | None = None, env: dict[str, str] | None = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.db = db
@@ -53,6 +53,7 @@ class LiveServer:
         self.tokens = tokens
         self.executor = executor
         self.max_concurrent = max_concurrent
+        self.ray_address = ray_address
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         extra = {"EVOMERGE_DATA_DIR": str(self.workdir / "data")}
@@ -70,6 +71,8 @@ class LiveServer:
             args += ["--model-root", str(root)]
         if self.max_concurrent:
             args += ["--max-concurrent", str(self.max_concurrent)]
+        if self.ray_address:
+            args += ["--ray-address", self.ray_address]
         return args
 
     def start(self, timeout: float = 120.0) -> "LiveServer":

@@ -183,7 +183,7 @@ BAD_SPECS = {
     "unknown algorithm": (lambda s, r: s["algorithm"].update(name="annealing"), "algorithm.name",
                           "unknown algorithm"),
     "zero budget": (lambda s, r: s["budget"].update(evaluations=0), "budget.evaluations", "greater than or equal"),
-    "unknown field": (lambda s, r: s.update(colour="blue"), "colour", "Extra inputs are not permitted"),
+    "unknown field": (lambda s, r: s.update(colour="blue"), "colour", "unknown field 'colour' (known: version, name"),
 }
 
 

@@ -124,7 +124,7 @@ def test_the_embedded_ray_admits_what_fits_and_refuses_what_never_will(tmp_path:
                                                                       store: Store) -> None:
     controller = Controller(store, Settings(model_roots=(model_root,), executor="ray", ray_cpus=2))
     assert controller.capacity() == (2.0, 0.0)
-    with pytest.raises(SpecError, match="need 2.97 CPUs, and this server's Ray has 2") as info:
+    with pytest.raises(SpecError, match=r"need 2.97 CPUs \(each asks Ray for 0.99 of its share\), and this server's Ray has 2") as info:
         controller.check_resources(_spec(model_root, workers=3))
     assert info.value.where == "resources.workers"
     gpus = JobSpec.from_dict({**digits_spec(), "resources": {"workers": 1, "gpus_per_worker": 1}})

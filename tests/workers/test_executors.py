@@ -233,7 +233,7 @@ def test_make_executor_refuses_unknown_kinds_and_impossible_pools(local_ray, wor
     spec = digits_spec(workers_bed)
     with pytest.raises(UserError, match="executor: unknown executor 'threads'"):
         make_executor(spec, kind="threads")
-    with pytest.raises(UserError, match=r"resources.workers: the Ray cluster has \d+ CPUs and 9 workers need 8.91"):
+    with pytest.raises(UserError, match=r"resources.workers: the Ray cluster has \d+ CPUs and 9 worker\(s\) need 8.91 CPUs"):
         make_executor(digits_spec(workers_bed, workers=9), kind="ray")
     with pytest.raises(UserError, match="resources.gpus_per_worker: the Ray cluster has 0 GPUs"):
         make_executor(digits_spec(workers_bed, workers=1, gpus_per_worker=1), kind="ray")
