@@ -164,7 +164,7 @@ class Controller:
             return
         cpus, gpus = self._needs(spec)
         if cpus > capacity[0] + 1e-9:
-            raise SpecError(f"{_count(r.workers, 'worker')} of {r.cpus_per_worker:g} CPU each need {cpus:g} "
+            raise SpecError(f"{r.workers} worker(s) of {r.cpus_per_worker:g} CPU each need {cpus:g} "
                             f"CPUs (each asks Ray for 0.99 of its share), and this server's Ray has "
                             f"{capacity[0]:g}; lower resources.workers or cpus_per_worker", where="resources.workers")
         if gpus > capacity[1] + 1e-9:
@@ -364,10 +364,6 @@ class Controller:
             cpus, gpus = self.capacity() or (1.0, 0.0)
             # one logical CPU more than searches may take, for Ray's own small tasks (see workers.ray_pool)
             init_local_ray(int(cpus) + 1, int(gpus), log_dir=self._log_dir())
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _cuda_count() -> int:
